@@ -521,12 +521,13 @@ def batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(encoded: Encoded, indices: np.ndarray, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """The examples `indices` as a batch padded to its longest example (not to max_length)."""
+def collate(encoded: Encoded, indices: np.ndarray, pad_id: int = 0, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """The examples `indices` as a batch padded to its longest example (not to max_length), rounded up
+    to a multiple of `multiple` (8 on GPUs: few distinct shapes, each of which may cost a kernel plan)."""
     indices = np.asarray(indices)
     starts = encoded.offsets[indices]                          # (B,)
     lengths = encoded.offsets[indices + 1] - starts            # (B,)
-    positions = np.arange(lengths.max())                       # (T,)
+    positions = np.arange(-(-lengths.max() // multiple) * multiple)  # (T,)
     mask = positions < lengths[:, None]                        # (B, T) True on real tokens
     flat_index = np.where(mask, starts[:, None] + positions, 0)  # (B, T) into the flat arrays
     batch = {

@@ -585,6 +585,8 @@ def test_collate_pads_to_the_longest_example_of_the_batch(minilm_tokenizer):
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [4.0, 0.5]
     encoded.labels = None
     assert "labels" not in glue_data.collate(encoded, [0])
+    rounded = glue_data.collate(encoded, np.array([1, 0]), multiple=8)  # 9 tokens -> 16 columns
+    assert rounded["input_ids"].shape == (2, 16) and rounded["attention_mask"].sum(1).tolist() == [6, 9]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1444,6 +1446,19 @@ def test_resume_with_other_settings_is_refused(tiny_model, token_cache, tmp_path
     train.main(run_args(tiny_model, token_cache, tmp_path, *common, "--stop-after", "2"))
     with pytest.raises(SystemExit, match=r"--max-steps 4 -> 6"):
         train.main(run_args(tiny_model, token_cache, tmp_path, *common[:3], "6", *common[4:], "--resume"))
+
+
+def test_heldout_probe_rows_are_left_out_of_training(tiny_model, token_cache):
+    """--probe-on heldout probes on a seeded slice of train that training never sees (section 4.6)."""
+    args = train.parse_args(run_args(tiny_model, token_cache, "unused", "--probe-on", "heldout",
+                                     "--probe-size", "100"))
+    tasks = glue_data.load_task_set("glue", GLUE_DIR, ["RTE", "STS-B"])
+    data = train.load_data(args, tasks, glue_data.load_tokenizer(tiny_model), rank=1)
+    for name, rows in (("RTE", 2490), ("STS-B", 5749)):
+        encoded, probe = data[name]["probe"]
+        assert encoded is data[name]["train"] and len(probe) == 100
+        assert not set(probe) & set(data[name]["train_idx"])
+        assert len(probe) + len(data[name]["train_idx"]) == rows
 
 
 def test_missing_glue_files_stop_before_training(tiny_model, token_cache, tmp_path):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 import glue_data
 import scheduler
-from electra import Electra, atomic_write, resolve_pretrained
+from electra import DEFAULT_CACHE, Electra, atomic_write, resolve_pretrained
 from mtop import MODES, MTOP
 
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--task-set", default="glue", help="'glue' or a JSON file defining tasks (see README)")
     g.add_argument("--tasks", default="", help="comma-separated subset of the task set, e.g. RTE,MRPC")
     g.add_argument("--data-dir", default="glue_data", help="GLUE folder; downloaded if it does not exist")
-    g.add_argument("--cache-dir", default="", help="tokenized-data and model cache (default: ~/.cache/mtop)")
+    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenized splits and downloaded models")
     g.add_argument("--max-length", type=int, default=128, help="tokens per text (pair), truncated longest-first")
     g.add_argument("--probe-on", choices=("dev", "heldout"), default="dev",
                    help="data for the scheduler's probes: dev (the paper) or a held-out slice of train (4.6)")
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: from --epochs)")
     g.add_argument("--batch-size", type=int, default=16, help="examples per step (per process), one task")
     g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of AdamW")
+    g.add_argument("--prompt-lr", type=float, default=0.0,
+                   help="peak learning rate of the prompts (0: --lr, as in the paper)")
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay (not on biases, LayerNorms)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -122,8 +124,10 @@ class TaskStream:
     """Batches of one task; epoch e's order is glue_data.batch_order(seed, e), so (epoch, position)
     is the whole state: a resumed run regenerates exactly the batches it would have seen."""
 
-    def __init__(self, encoded: glue_data.Encoded, indices: np.ndarray, batch_size: int, seed: int):
+    def __init__(self, encoded: glue_data.Encoded, indices: np.ndarray, batch_size: int, seed: int,
+                 multiple: int = 1):
         self.encoded, self.indices, self.batch_size, self.seed = encoded, indices, batch_size, seed
+        self.multiple = multiple  # pad lengths to a multiple of this (see pad_multiple)
         self.epoch, self.position, self._order = 0, 0, None
 
     def order(self) -> list[np.ndarray]:
@@ -140,7 +144,7 @@ class TaskStream:
             if turn == rank:
                 batch = self.order()[self.position]
             self.position += 1
-        return glue_data.collate(self.encoded, self.indices[batch])
+        return glue_data.collate(self.encoded, self.indices[batch], multiple=self.multiple)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -149,9 +153,17 @@ class TaskStream:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
+def pad_multiple(device: str) -> int:
+    """Batches are padded to their longest text; on a GPU that length is rounded up to a multiple of 8.
+    Every new (B, T) shape can cost a kernel plan there (cuDNN attention builds one per shape: bf16
+    training ran 5x slower with exact lengths on an H200), and tensor cores prefer multiples of 8."""
+    return 8 if device.startswith("cuda") else 1
+
+
 def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
-    """Tokenized splits (cached on disk), the train/probe index split, and the test splits."""
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    """Per task: tokenized train and dev splits (cached on disk), the train rows, the probe rows and
+    the regression target scale."""
+    cache = Path(args.cache_dir).expanduser() / "tokens"  # a second run reads these, no tokenizing
     enc = lambda task, split: glue_data.load_encoded(task, split, args.data_dir, tokenizer, args.max_length, cache)
     data = {}
     for task in tasks:
@@ -197,7 +209,7 @@ def predict_encoded(model: MTOP, task: str, encoded: glue_data.Encoded, indices:
     indices = np.arange(len(encoded)) if indices is None else indices
     out = np.zeros(len(indices), dtype=np.float32 if model.num_labels[task] == 1 else np.int64)
     for batch in glue_data.batch_order(encoded.lengths[indices], batch_size, 0, 0, shuffle=False):
-        inputs = glue_data.collate(encoded, indices[batch])
+        inputs = glue_data.collate(encoded, indices[batch], multiple=pad_multiple(device))
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16"):
             logits = model(inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
                            inputs["token_type_ids"].to(device), active_task=task)[task].float()
@@ -283,7 +295,7 @@ def train(args: argparse.Namespace) -> dict:
     # Tasks, data files (downloaded into a fresh --data-dir), model folder and tokenizer.
     names = [n for n in args.tasks.split(",") if n] or None
     tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
-    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    cache_dir = Path(args.cache_dir).expanduser()
     if rank == 0 and args.task_set == "glue" and not Path(args.data_dir).exists():
         glue_data.download_glue(args.data_dir, [t.name for t in tasks])  # a fresh folder: fetch GLUE
     missing = glue_data.missing_files(tasks, args.data_dir, splits=("train", "dev"))
@@ -307,16 +319,22 @@ def train(args: argparse.Namespace) -> dict:
     # DDP: heads and prompts of the other tasks get no gradient in a step, hence find_unused_parameters.
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
 
-    # AdamW with linear warm-up then linear decay to 0 (section 4.1); no decay on biases and LayerNorms.
+    # AdamW with linear warm-up then linear decay to 0 (section 4.1). Three groups: prompts (their own
+    # learning rate, no decay: they are inputs, and shrinking them would move them off the scale of
+    # embedded tokens), weight matrices (decay), biases and LayerNorms (no decay, ELECTRA's recipe).
     steps_per_epoch = max(1, sum(len(d["train_idx"]) for d in data.values()) // (args.batch_size * world))
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     epochs = min(args.epochs, math.ceil(total_steps / steps_per_epoch))
     warmup = int(args.warmup * total_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=args.lr, fused=True)  # one kernel for all tensors: ~5x faster on a CPU
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    prompts = [p for n, p in named if n.startswith(("task_prompts", "shared_prompts"))]
+    others = [p for n, p in named if not n.startswith(("task_prompts", "shared_prompts"))]
+    groups = [{"params": prompts, "weight_decay": 0.0, "lr": args.prompt_lr or args.lr},
+              {"params": [p for p in others if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr,
+                                  fused=True)  # one kernel for all tensors: ~5x faster on a CPU
     lr_at = lambda step: min((step + 1) / max(1, warmup), max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
@@ -328,7 +346,7 @@ def train(args: argparse.Namespace) -> dict:
         options["temperature"] = args.temperature
     sampler = scheduler.make_sampler(args.sampler, sizes, **options)
     streams = {t.name: TaskStream(data[t.name]["train"], data[t.name]["train_idx"], args.batch_size,
-                                  args.seed + i) for i, t in enumerate(tasks)}
+                                  args.seed + i, pad_multiple(device)) for i, t in enumerate(tasks)}
 
     step, best, history = 0, {"average": -math.inf, "step": 0}, []
     checkpoint_path = out / "checkpoint.pt"
@@ -451,7 +469,7 @@ def write_test_predictions(out: Path, tasks: list[glue_data.Task], args) -> None
     model, metadata = MTOP.load(out / "best", map_location=args.device)
     scales = {t["name"]: t["scale"] for t in metadata["tasks"]}
     tokenizer = glue_data.load_tokenizer(out / "best")
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    cache = Path(args.cache_dir).expanduser() / "tokens"
     jobs = [(t, t, split) for t in tasks for split in t.test_splits]
     if "MNLI" in model.num_labels and "AX" in glue_data.GLUE_TASKS and args.task_set == "glue":
         jobs.append((glue_data.GLUE_TASKS["AX"], next(t for t in tasks if t.name == "MNLI"), "test"))
@@ -545,7 +563,8 @@ def predict_corpus(args: argparse.Namespace, chunk: int = 4096) -> Path:
                                        metadata.get("max_length", args.max_length))
             results = {name: np.empty(len(block), dtype=object) for name in model.task_names}
             for batch in glue_data.batch_order(encoded.lengths, 64, 0, 0, shuffle=False):
-                inputs = {k: v.to(args.device) for k, v in glue_data.collate(encoded, batch).items()}
+                inputs = glue_data.collate(encoded, batch, multiple=pad_multiple(args.device))
+                inputs = {k: v.to(args.device) for k, v in inputs.items()}
                 with torch.no_grad(), torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16,
                                                      enabled=args.dtype == "bf16"):
                     logits = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])

@@ -43,15 +43,19 @@ def main() -> None:
     model = MTOP(Electra.from_pretrained(options.model), [(t.name, t.num_labels) for t in tasks]).to(options.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as train.py
     sampler = scheduler.make_sampler("proportional", {n: len(d["train_idx"]) for n, d in data.items()})
-    streams = {n: train.TaskStream(d["train"], d["train_idx"], 16, 0) for n, d in data.items()}
+    streams = {n: train.TaskStream(d["train"], d["train_idx"], 16, 0, train.pad_multiple(options.device))
+               for n, d in data.items()}
     batches = []
     for _ in range(options.steps):
         task = sampler.choose()
         batches.append((task, streams[task].next()))
 
     def step(task, batch, pad_to, dtype):
-        if pad_to:  # the usual fixed-length input: every batch padded to max_length
+        if pad_to == 128:  # the usual fixed-length input: every batch padded to max_length
             batch = {k: F.pad(v, (0, pad_to - v.shape[1])) if v.dim() == 2 else v for k, v in batch.items()}
+        if pad_to == "exact":  # the longest text of the batch, not rounded up to a multiple of 8
+            T = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :T] if v.dim() == 2 else v for k, v in batch.items()}
         batch = {k: v.to(options.device) for k, v in batch.items()}
         with torch.autocast(options.device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], active_task=task)
@@ -63,7 +67,10 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    variants = [(pad, dtype) for dtype in ("fp32", "bf16") for pad in (0, 128)]
+    # pad: 0 = train.py's batches (longest text, rounded up to a multiple of 8 on a GPU), "exact" = not
+    # rounded (GPU only; on a CPU train.py does not round), 128 = every batch padded to 128.
+    pads = (0, "exact", 128) if options.device == "cuda" else (0, 128)
+    variants = [(pad, dtype) for dtype in ("fp32", "bf16") for pad in pads]
     seconds = {v: 0.0 for v in variants}
     examples = sum(len(b["labels"]) for _, b in batches)
     text_tokens = sum(int(b["attention_mask"].sum()) for _, b in batches)
@@ -93,7 +100,8 @@ def main() -> None:
     for pad, dtype in variants:
         rate = timed_examples / seconds[(pad, dtype)]
         base = timed_examples / seconds[(128, dtype)]
-        print(f"| {'padded to 128' if pad else 'bucketed (train.py)'} | {dtype} | {rate:.1f} | {rate / base:.2f}x |")
+        name = {0: "bucketed (train.py)", "exact": "bucketed, lengths not rounded to 8", 128: "padded to 128"}[pad]
+        print(f"| {name} | {dtype} | {rate:.1f} | {rate / base:.2f}x |")
     fp32 = timed_examples / seconds[(0, "fp32")]
     bf16 = timed_examples / seconds[(0, "bf16")]
     print(f"\nbf16 vs fp32 with train.py's batching: {bf16 / fp32:.2f}x")
