@@ -1503,6 +1503,6 @@ def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Each rank prints "rank R: S steps, tasks <hash>, weights <hash>" (lines of the ranks may interleave).
-    summaries = dict(re.findall(r"rank (\d): (8 steps, tasks \w+, weights \w+)", done.stdout))
+    summaries = dict(re.findall(r"rank (\d): (8 steps, tasks [0-9a-f]{16}, weights [0-9a-f]{16})", done.stdout))
     assert sorted(summaries) == ["0", "1"], done.stdout
     assert summaries["0"] == summaries["1"]
