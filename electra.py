@@ -276,7 +276,8 @@ def read_checkpoint(path: Path, config: ElectraConfig,
     shape_of = {hf: expected[ours].shape if part is None else expected[ours].chunk(3)[part].shape
                 for hf, (ours, part) in table.items()}
     missing = [hf for hf in table if hf not in found]
-    bad_shape = [f"{hf} {tuple(t.shape)} != {tuple(shape_of[hf])}" for hf, t in found.items() if t.shape != shape_of[hf]]
+    bad_shape = [f"{hf} {tuple(t.shape)} != {tuple(shape_of[hf])}"
+                 for hf, t in found.items() if t.shape != shape_of[hf]]
     if missing or unexpected or bad_shape:
         problems = [f"missing keys: {', '.join(missing)}" if missing else "",
                     f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",

@@ -274,7 +274,7 @@ def missing_files(tasks: list[Task], data_dir: str | Path,
 def _missing_message(task: Task, split: str, path: Path) -> str:
     if GLUE_TASKS.get(task.name) == task:
         return (f"{task.name} {split}: {path} does not exist. Download GLUE (train.py fetches it into a "
-                f"--data-dir that does not exist yet; or glue_data.download_glue), or leave {task.name} out "
+                f"--data-dir that holds no GLUE file yet; or glue_data.download_glue), or leave {task.name} out "
                 f"with --tasks.")
     return f"task {task.name!r} {split}: {path} does not exist; check the path in the task-set JSON file."
 
@@ -733,11 +733,11 @@ def download_glue(data_dir: str | Path, task_names: list[str], base_url: str = G
                     with zipfile.ZipFile(staging / "archive.zip") as archive:
                         archive.extractall(staging)  # extractall drops '..' and absolute paths
                 except zipfile.BadZipFile as error:
-                    raise RuntimeError(f"{base_url}/{_ARCHIVES[name]} is not a valid zip ({error})") from None
+                    raise OSError(f"{base_url}/{_ARCHIVES[name]} is not a valid zip ({error})") from None
             relative = [relative_path for _, relative_path in task.files]
             absent = [p for p in relative if not (staging / p).is_file()]
             if absent:
-                raise RuntimeError(f"{name}: the download lacks {', '.join(absent)}")
+                raise OSError(f"{name}: the download lacks {', '.join(absent)}")
             for relative_path in relative:  # every file is complete: move them into place
                 (data_dir / relative_path).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / relative_path, data_dir / relative_path)
@@ -765,7 +765,7 @@ def _fetch(url: str, destination: Path) -> None:
         os.replace(part, destination)
     except (OSError, http.client.HTTPException) as error:
         part.unlink(missing_ok=True)
-        raise RuntimeError(f"download of {url} failed: {error}") from None
+        raise OSError(f"download of {url} failed: {error}") from None
 
 
 def _build_mrpc(staging: Path, base_url: str) -> None:
@@ -783,7 +783,7 @@ def _build_mrpc(staging: Path, base_url: str) -> None:
     def fields(line: str, file: str) -> list[str]:
         row = line.strip().split("\t")
         if len(row) != 5:
-            raise RuntimeError(f"{file}: expected 5 tab-separated columns, got {len(row)} in {line[:80]!r}")
+            raise OSError(f"{file}: expected 5 tab-separated columns, got {len(row)} in {line[:80]!r}")
         return row
 
     header = lines["train"][0]  # copied as is, byte-order mark included

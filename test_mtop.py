@@ -774,7 +774,7 @@ def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch, failure)
     files = {} if failure == "missing" else {"/glue/data/RTE.zip": body}
     truncated = ("/glue/data/RTE.zip",) if failure == "truncated" else ()
     with _serve_on_localhost(files, truncated) as base_url:
-        with pytest.raises(RuntimeError, match="RTE.zip"):
+        with pytest.raises(OSError, match="RTE.zip"):
             glue_data.download_glue(tmp_path / "glue", ["RTE"], base_url=base_url)
     assert list((tmp_path / "glue").iterdir()) == []
 
@@ -1446,6 +1446,20 @@ def test_resume_with_other_settings_is_refused(tiny_model, token_cache, tmp_path
     train.main(run_args(tiny_model, token_cache, tmp_path, *common, "--stop-after", "2"))
     with pytest.raises(SystemExit, match=r"--max-steps 4 -> 6"):
         train.main(run_args(tiny_model, token_cache, tmp_path, *common[:3], "6", *common[4:], "--resume"))
+
+
+def test_custom_task_set_trains_and_predicts_its_test_file(tiny_model, token_cache, tmp_path):
+    """A JSON task set (two label columns of one file) trains end to end and writes <task>.tsv predictions."""
+    task_set = _news_task_set(tmp_path)
+    out = tmp_path / "run"
+    train.main(run_args(tiny_model, token_cache, out, "--task-set", str(task_set), "--max-steps", "6",
+                        "--interval", "3", "--batch-size", "2"))
+    with zipfile.ZipFile(out / "submission" / "glue_submission.zip") as z:
+        assert z.namelist() == ["topic.tsv"]  # sentiment has no test file
+        assert z.read("topic.tsv").decode().splitlines()[0] == "index\tprediction"
+        assert z.read("topic.tsv").decode().splitlines()[1].split("\t")[1] in ("world", "sports")
+    model, metadata = mtop.MTOP.load(out / "best")
+    assert [t["labels"] for t in metadata["tasks"]] == [["world", "sports"], ["negative", "positive"]]
 
 
 def test_heldout_probe_rows_are_left_out_of_training(tiny_model, token_cache):

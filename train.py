@@ -17,6 +17,7 @@ References: MTOP (section 4.1 hyperparameters); google-research/electra (fine-tu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--task-set", default="glue", help="'glue' or a JSON file defining tasks (see README)")
     g.add_argument("--tasks", default="", help="comma-separated subset of the task set, e.g. RTE,MRPC")
-    g.add_argument("--data-dir", default="glue_data", help="GLUE folder; downloaded if it does not exist")
+    g.add_argument("--data-dir", default="glue_data", help="GLUE folder; downloaded when it holds no GLUE file")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenized splits and downloaded models")
     g.add_argument("--max-length", type=int, default=128, help="tokens per text (pair), truncated longest-first")
     g.add_argument("--probe-on", choices=("dev", "heldout"), default="dev",
@@ -248,6 +249,16 @@ def probe(model, tasks, data, args) -> dict[str, float]:
     return scores
 
 
+@contextlib.contextmanager
+def user_errors():
+    """Turn the clear errors of bad input (a missing file, an unknown task, a malformed row, a
+    checkpoint that does not match) into one message and exit status 1, without a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 # -- checkpoints: written atomically, so a kill at any moment leaves the last complete one ---------
 
 def save_checkpoint(path: Path, **state) -> None:
@@ -293,29 +304,32 @@ def train(args: argparse.Namespace) -> dict:
     np.random.seed(args.seed)
 
     # Tasks, data files (downloaded into a fresh --data-dir), model folder and tokenizer.
-    names = [n for n in args.tasks.split(",") if n] or None
-    tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
-    cache_dir = Path(args.cache_dir).expanduser()
-    if rank == 0 and args.task_set == "glue" and not Path(args.data_dir).exists():
-        glue_data.download_glue(args.data_dir, [t.name for t in tasks])  # a fresh folder: fetch GLUE
-    missing = glue_data.missing_files(tasks, args.data_dir, splits=("train", "dev"))
-    if missing:
-        have = [t.name for t in tasks if not glue_data.missing_files([t], args.data_dir, splits=("train", "dev"))]
-        raise SystemExit("missing data files:\n  " + "\n  ".join(map(str, missing)) + "\nFix: --data-dir NEW_FOLDER "
-                         "downloads GLUE into a folder that does not exist yet, or train on the tasks you have"
-                         + (f" with --tasks {','.join(have)}" if have else " (--tasks)") + ".")
-    if rank == 0:
-        resolve_pretrained(args.model, cache_dir=cache_dir)  # downloads once; the other ranks wait
-    if world > 1:
-        dist.barrier()
-    model_dir = resolve_pretrained(args.model, cache_dir=cache_dir)  # a folder, or a .safetensors file in one
-    model_folder = model_dir if model_dir.is_dir() else model_dir.parent
-    tokenizer = glue_data.load_tokenizer(model_folder)
-    data = load_data(args, tasks, tokenizer, rank)
+    with user_errors():  # bad input ends the run with its one message, not a traceback
+        names = [n for n in args.tasks.split(",") if n] or None
+        tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
+        cache_dir = Path(args.cache_dir).expanduser()
+        glue_files = [t.path(split, args.data_dir) for t in glue_data.GLUE_TASKS.values() for split in t.splits]
+        if rank == 0 and args.task_set == "glue" and not any(p.is_file() for p in glue_files):
+            glue_data.download_glue(args.data_dir, [t.name for t in tasks])  # no GLUE file there: fetch it
+        missing = glue_data.missing_files(tasks, args.data_dir, splits=("train", "dev"))
+        if missing:
+            have = [t.name for t in tasks if not glue_data.missing_files([t], args.data_dir, ("train", "dev"))]
+            raise SystemExit("missing data files:\n  " + "\n  ".join(map(str, missing)) +
+                             "\nFix: a --data-dir without GLUE files (e.g. a new folder) gets GLUE downloaded, "
+                             "or train on the tasks you have"
+                             + (f" with --tasks {','.join(have)}" if have else " (--tasks)") + ".")
+        if rank == 0:
+            resolve_pretrained(args.model, cache_dir=cache_dir)  # downloads once; the other ranks wait
+        if world > 1:
+            dist.barrier()
+        model_dir = resolve_pretrained(args.model, cache_dir=cache_dir)  # a folder, or a .safetensors file in one
+        model_folder = model_dir if model_dir.is_dir() else model_dir.parent
+        tokenizer = glue_data.load_tokenizer(model_folder)
+        data = load_data(args, tasks, tokenizer, rank)
 
-    encoder = Electra.from_pretrained(model_dir)
-    model = MTOP(encoder, [(t.name, t.num_labels) for t in tasks], args.task_prompt_len,
-                 args.shared_prompt_len, args.mode, args.freeze_encoder).to(device)
+        encoder = Electra.from_pretrained(model_dir)
+        model = MTOP(encoder, [(t.name, t.num_labels) for t in tasks], args.task_prompt_len,
+                     args.shared_prompt_len, args.mode, args.freeze_encoder).to(device)
     # DDP: heads and prompts of the other tasks get no gradient in a step, hence find_unused_parameters.
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
 
@@ -335,7 +349,8 @@ def train(args: argparse.Namespace) -> dict:
               {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr,
                                   fused=True)  # one kernel for all tensors: ~5x faster on a CPU
-    lr_at = lambda step: min((step + 1) / max(1, warmup), max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    lr_at = lambda step: min((step + 1) / max(1, warmup),  # linear warm-up, then linear decay to 0
+                             max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
     sizes = {t.name: len(data[t.name]["train_idx"]) for t in tasks}
@@ -546,8 +561,9 @@ def read_corpus(path: Path, columns: list[str]):
 
 def predict_corpus(args: argparse.Namespace, chunk: int = 4096) -> Path:
     folder = Path(args.checkpoint or Path(args.output_dir) / "best")
-    model, metadata = MTOP.load(folder, map_location=args.device)
-    tokenizer = glue_data.load_tokenizer(folder)
+    with user_errors():
+        model, metadata = MTOP.load(folder, map_location=args.device)
+        tokenizer = glue_data.load_tokenizer(folder)
     labels = {t["name"]: t["labels"] for t in metadata["tasks"]}
     scales = {t["name"]: t["scale"] for t in metadata["tasks"]}
     source = Path(args.predict)

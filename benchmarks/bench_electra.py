@@ -4,9 +4,10 @@
     python benchmarks/bench_electra.py --device cuda --repeats 20
 
 Rows: inference forward (fp32, bf16 autocast) and one training step (forward + backward + fused
-AdamW, the same optimizer for both; fp32 and bf16 autocast). Each row times both models in alternation, in one process, and reports the
-median; the ratio column is transformers' time / ours (> 1 means electra.py is faster). The input has
-padding (a quarter of the rows are half length), as batches in training do.
+AdamW, the same optimizer for both; fp32 and bf16 autocast). Each row times both models in
+alternation, in one process, and reports the median; the ratio column is transformers' time / ours
+(> 1 means electra.py is faster). The input has padding (a quarter of the rows are half length), as
+batches in training do.
 """
 
 import argparse
