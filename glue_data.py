@@ -10,7 +10,7 @@ The path of the data through this file:
 Paper map (MTOP, section 4.1 and Table 1):
     max sequence length 128               -> encode(max_length=128), longest-first truncation for pairs
     batch 16, one task per training step  -> batch_order(...) per task; the trainer picks the task
-    dev metric m of Eq. (4)               -> compute_metrics + task_score, 0..1 (Task.metrics[0] is primary)
+    dev metric m of Eq. (4)               -> compute_metrics + task_score: the mean of the task's metrics, 0..1
     GLUE average of Table 1               -> glue_average (a mean over tasks; MNLI m/mm count as one)
 
 Custom task sets (--task-set my_tasks.json; paths are relative to the JSON file; test, labels, metric and
@@ -24,9 +24,11 @@ example of the batch (<= max_length).
 
 Decisions made here: label lists are fixed in GLUE_TASKS and never inferred from GLUE data (MNLI is
 contradiction, entailment, neutral, the order of the original GLUE/BERT processors; Hugging Face
-`datasets` uses another order). The primary metric is what the paper's Table 1 reports: F1 for MRPC and
-QQP, Spearman for STS-B. `load_task_set("glue")` returns the nine GLUE tasks; AX has no training data and
-is predicted with the MNLI head when the submission is written.
+`datasets` uses another order). The primary metric (listed first) is what the paper's Table 1 reports:
+F1 for MRPC and QQP, Spearman for STS-B; a task's score, for the GLUE average and for the scheduler's
+probes, is the mean of all its metrics (GLUE's rule). `load_task_set("glue")` returns the paper's eight
+tasks (WNLI only when named); AX has no training data and is predicted with the MNLI head when the
+submission is written.
 
 References: Wang et al., "GLUE: A Multi-Task Benchmark and Analysis Platform for NLU", ICLR 2019
 (https://gluebenchmark.com); the file layout of the classic download_glue_data.py; Gorodkin, "Comparing
@@ -64,7 +66,7 @@ class Task:
     name: str
     kind: str                            # "classification" | "regression"
     labels: tuple[str, ...] | None       # label strings; label index i means labels[i]; None for regression
-    metrics: tuple[str, ...]             # the first is the primary metric (the scheduler's reward)
+    metrics: tuple[str, ...]             # the first is the primary one (Table 1); task_score averages all
     files: tuple[tuple[str, str], ...]   # ((split, path), ...), e.g. (("train", "CoLA/train.tsv"), ...)
     text: tuple[str, ...]                # one text column, or two for a sentence pair
     label: str | None                    # label column of train/dev files; None when there is none (AX)
@@ -148,6 +150,8 @@ def load_task_set(task_set: str, data_dir: str | Path, names: list[str] | None =
     looked up in data_dir), or only those in `names`."""
     if task_set == "glue":
         tasks = [task for task in GLUE_TASKS.values() if task.name != "AX"]
+        if names is None:  # the paper's eight tasks: WNLI is left out, as in its Table 1
+            return [task for task in tasks if task.name != "WNLI"]
     else:
         path = Path(task_set)
         if not path.is_file() and (Path(data_dir) / path).is_file():

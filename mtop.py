@@ -208,7 +208,7 @@ class MTOP(nn.Module):
             logits = logits[task]
         if self.num_labels[task] == 1:
             prediction = logits.squeeze(-1)  # (B, 1) -> (B,)
-            return F.mse_loss(prediction, labels.to(prediction.dtype))
+            return F.mse_loss(prediction.float(), labels.float())  # fp32 even under bf16 autocast
         return F.cross_entropy(logits, labels)
 
     # -- checkpoints ---------------------------------------------------------------------------

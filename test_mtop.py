@@ -442,7 +442,8 @@ def test_unknown_task_name_lists_the_valid_names():
     with pytest.raises(ValueError, match=r"unknown task 'SST3'.*valid names: CoLA, SST-2, MRPC"):
         glue_data.load_task_set("glue", GLUE_DIR, ["CoLA", "SST3"])
     assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR, ["sst2", "mnli"])] == ["SST-2", "MNLI"]
-    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR)] == [n for n in GLUE if n != "AX"]
+    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR)] == [n for n in GLUE if n not in ("AX", "WNLI")]
+    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR, ["WNLI"])] == ["WNLI"]  # when named
 
 
 def test_missing_file_names_the_path_and_the_fix(tmp_path):
@@ -1418,7 +1419,9 @@ def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
     assert [r["step"] for r in records if r["event"] == "probe"] == [0, 10, 20, 30]
     with zipfile.ZipFile(out / "submission" / "glue_submission.zip") as z:
         rows = {name: z.read(name).decode().splitlines() for name in z.namelist()}
-    assert {n: len(r) - 1 for n, r in rows.items()} == {"RTE.tsv": 3000, "MRPC.tsv": 1725, "STS-B.tsv": 1379}
+    assert {n: len(r) - 1 for n, r in rows.items()} == {"RTE.tsv": 3000, "MRPC.tsv": 1725, "STS-B.tsv": 1379,
+                                                       "WNLI.tsv": 146}
+    assert len({line.split("\t")[1] for line in rows["WNLI.tsv"][1:]}) == 1  # the train majority class
     assert rows["RTE.tsv"][0] == "index\tprediction"
     # The saved best model reproduces the dev evaluation it was chosen by.
     model, metadata = mtop.MTOP.load(out / "best")
@@ -1475,6 +1478,15 @@ def test_heldout_probe_rows_are_left_out_of_training(tiny_model, token_cache):
         assert len(probe) + len(data[name]["train_idx"]) == rows
 
 
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--save-every", "0"], ["--warmup", "1"],
+                                   ["--probe-size", "-1"], ["--epochs", "0"]])
+def test_bad_numeric_flags_are_refused_before_any_work(flags, capsys):
+    """A flag out of range stops argument parsing with a message that names it."""
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(flags)
+    assert stop.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
 def test_missing_glue_files_stop_before_training(tiny_model, token_cache, tmp_path):
     """--task-set glue without MNLI/QQP/QNLI train stops with the missing paths and the options."""
     with pytest.raises(SystemExit) as stop:
@@ -1497,6 +1509,15 @@ def test_predict_corpus_gives_every_task_from_one_pass(tiny_model, token_cache, 
     written = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best")])
     rows = [json.loads(line) for line in open(written)]
     assert len(rows) == 3000 and [r["line"] for r in rows] == list(range(2, 3002))
+    bad_inputs = {"empty.tsv": "", "broken.jsonl": '{"text": "fine"}\n{"text": \n', "nocolumn.tsv": "title\nA\n"}
+    for name, content in bad_inputs.items():
+        (tmp_path / name).write_text(content)
+    for name, message in (("missing.tsv", "no such file"), ("empty.tsv", "empty"),
+                          ("broken.jsonl", "broken.jsonl:2: not a JSON object"), ("nocolumn.tsv", "no column 'text'")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--predict", str(tmp_path / name), "--checkpoint", str(out / "best"), "--text-columns", "text"])
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written is left behind
+    assert [p.name for p in tmp_path.glob("*.predictions.jsonl")] == ["corpus.tsv.predictions.jsonl"]
     model, metadata = mtop.MTOP.load(out / "best")
     encoded = glue_data.encode(glue_data.load_tokenizer(out / "best"), [s.strip() for s in sentences], None, 128)
     for task in metadata["tasks"]:
@@ -1508,7 +1529,8 @@ def test_predict_corpus_gives_every_task_from_one_pass(tiny_model, token_cache, 
 
 
 def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
-    """torchrun with 2 CPU processes (gloo): both ranks choose the same tasks and end with equal weights."""
+    """torchrun with 2 CPU processes (gloo): both ranks choose the same tasks, take different batches and
+    end with equal weights."""
     args = run_args(tiny_model, token_cache, tmp_path / "run", "--tasks", "RTE,STS-B", "--max-steps", "8",
                     "--interval", "4", "--no-test")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -1517,6 +1539,9 @@ def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Each rank prints "rank R: S steps, tasks <hash>, weights <hash>" (lines of the ranks may interleave).
-    summaries = dict(re.findall(r"rank (\d): (8 steps, tasks [0-9a-f]{16}, weights [0-9a-f]{16})", done.stdout))
-    assert sorted(summaries) == ["0", "1"], done.stdout
-    assert summaries["0"] == summaries["1"]
+    found = re.findall(r"rank (\d): 8 steps, tasks ([0-9a-f]{16}), weights ([0-9a-f]{16}), batches ([0-9a-f]{16})",
+                       done.stdout)
+    ranks = {rank: fingerprint for rank, *fingerprint in found}
+    assert sorted(ranks) == ["0", "1"], done.stdout
+    assert ranks["0"][:2] == ranks["1"][:2]  # the same task at every step, the same weights at the end
+    assert ranks["0"][2] != ranks["1"][2]  # but each rank trained on its own batches
