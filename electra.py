@@ -100,8 +100,8 @@ class Layer(nn.Module):
         super().__init__()
         D, eps = config.hidden_size, config.layer_norm_eps
         self.num_heads = config.num_attention_heads
-        # Query, key and value in one (3D, D) projection: one matrix product instead of three, ~20%
-        # faster on CPUs. Checkpoints keep them apart; the loader stacks them (see hf_name_table).
+        # Query, key and value in one (3D, D) projection: one matrix product instead of three (fewer
+        # kernel launches on GPUs). Checkpoints keep them apart; the loader stacks them (hf_name_table).
         self.qkv = nn.Linear(D, 3 * D)
         self.attn_out = nn.Linear(D, D)
         self.attn_norm = nn.LayerNorm(D, eps=eps)

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import http.server
 import importlib.resources
+import importlib.util
 import io
 import json
 import math
@@ -1423,6 +1424,8 @@ def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
                                                        "WNLI.tsv": 146}
     assert len({line.split("\t")[1] for line in rows["WNLI.tsv"][1:]}) == 1  # the train majority class
     assert rows["RTE.tsv"][0] == "index\tprediction"
+    if importlib.util.find_spec("matplotlib"):  # the plot is optional, like matplotlib itself
+        assert (out / "training.png").stat().st_size > 0
     # The saved best model reproduces the dev evaluation it was chosen by.
     model, metadata = mtop.MTOP.load(out / "best")
     assert train.evaluate(model, tasks, data, train.parse_args(args)) == metadata["dev"]
