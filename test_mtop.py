@@ -1447,9 +1447,12 @@ def test_resume_is_bitwise_identical(tiny_model, token_cache, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(tiny_model, token_cache, tmp_path):
-    """--resume with a flag that shapes the run changed names the flag instead of mixing two runs."""
+    """--resume with a flag that shapes the run changed names the flag instead of mixing two runs; a new
+    run into the folder of another one is refused too."""
     common = ["--tasks", "RTE", "--max-steps", "4", "--sampler", "uniform", "--no-test"]
     train.main(run_args(tiny_model, token_cache, tmp_path, *common, "--stop-after", "2"))
+    with pytest.raises(SystemExit, match="exists: continue that run with --resume"):
+        train.main(run_args(tiny_model, token_cache, tmp_path, *common))
     with pytest.raises(SystemExit, match=r"--max-steps 4 -> 6"):
         train.main(run_args(tiny_model, token_cache, tmp_path, *common[:3], "6", *common[4:], "--resume"))
 

@@ -419,6 +419,10 @@ def train(args: argparse.Namespace) -> dict:
         if rank == 0:
             JsonlLog(out / "log.jsonl", True).truncate(step)
         log(f"resumed from {checkpoint_path} at step {step}", rank)
+    elif checkpoint_path.exists():  # never overwrite another run's checkpoint by accident
+        raise SystemExit(f"{checkpoint_path} exists: continue that run with --resume, or give another --output-dir")
+    elif rank == 0:
+        (out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "args.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
