@@ -381,6 +381,22 @@ def _news_task_set(tmp_path: Path) -> Path:
     return tmp_path / "tasks.json"
 
 
+def test_readme_task_set_example_loads_as_documented(tmp_path):
+    """The task-set JSON of README.md loads: two tasks on one file, missing labels left out of one task."""
+    spec = re.search(r"```json\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
+    (tmp_path / "tasks.json").write_text(spec)
+    rows = [["title", "body", "topic", "tone"], ["A", "B", "world", "0.5"], ["C", "D", "sports", "1.5"],
+            ["E", "F", "NULL", "2"]]
+    for split in ("train", "dev"):
+        _write_tsv(tmp_path / f"news/{split}.tsv", rows)
+    _write_tsv(tmp_path / "news/test.tsv", [["title", "body"], ["X", "Y"]])
+    topic, tone = glue_data.load_task_set(str(tmp_path / "tasks.json"), tmp_path)
+    assert (topic.kind, topic.labels, tone.kind, tone.metrics) == ("classification", ("world", "sports"),
+                                                                   "regression", ("pearson",))
+    assert len(glue_data.load_split(topic, "train", tmp_path)) == 2  # the NULL row is left out of topic only
+    assert glue_data.load_split(tone, "train", tmp_path).labels.tolist() == [0.5, 1.5, 2.0]
+
+
 def test_custom_task_set_reads_two_label_columns_of_one_file(tmp_path):
     """Two tasks read one file with different label columns; given labels keep their order, others are sorted."""
     topic, sentiment = glue_data.load_task_set(str(_news_task_set(tmp_path)), tmp_path / "elsewhere")
