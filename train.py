@@ -187,21 +187,21 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
     for task in tasks:
         start = time.perf_counter()
         train = enc(task, "train")
-        rng = np.random.default_rng(args.seed)
-        order = rng.permutation(len(train))
-        if args.probe_on == "heldout":  # section 4.6's fix: probe on train data the model never sees
-            held = min(len(train) // 10, args.probe_size or len(train) // 10)
-            train_idx, probe = np.sort(order[held:]), (train, np.sort(order[:held]))
-        else:
-            train_idx = np.arange(len(train))
         dev = {split: enc(task, split) for split in task.dev_splits}
         for note in [train.note] + [e.note for e in dev.values()]:  # known defects of the official files
             if note:
                 log(note, rank)
-        if args.probe_on == "dev":
+        # The scheduler's probe rows: a fixed, seeded sample of the first dev split (the paper), or a
+        # slice of train that training never sees (section 4.6's fix).
+        rng = np.random.default_rng(args.seed)
+        if args.probe_on == "heldout":
+            held = min(len(train) // 10, args.probe_size or len(train) // 10)
+            order = rng.permutation(len(train))
+            train_idx, probe = np.sort(order[held:]), (train, np.sort(order[:held]))
+        else:
             first = dev[task.dev_splits[0]]
-            n = min(len(first), args.probe_size or len(first))
-            probe = (first, np.sort(np.random.default_rng(args.seed).permutation(len(first))[:n]))
+            train_idx = np.arange(len(train))
+            probe = (first, np.sort(rng.permutation(len(first))[:args.probe_size or len(first)]))
         # Regression targets are standardised for training (ELECTRA divides STS-B by 5 for the same
         # reason): a head that starts near 0 would otherwise spend thousands of lr-1e-5 steps on the offset.
         scale = (0.0, 1.0)
