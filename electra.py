@@ -21,6 +21,7 @@ Generators", ICLR 2020; Devlin et al., "BERT", NAACL 2019. Weight layout: Huggin
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -93,6 +94,52 @@ class ElectraConfig:
         return {"model_type": "electra", "hidden_act": "gelu", **asdict(self)}
 
 
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """Bernoulli(p) draws, True = drop, independent per element: a bool tensor of `shape`.
+
+    On a CPU, torch's own dropout calls bernoulli_, which draws one number from the mt19937 generator
+    per element; it was the largest single cost of a training step (about half of MTOP's forward in
+    bf16). Here each 64-bit word of that same generator gives two draws: its low 32 bits, uniform on
+    [0, 2^32), and its high 31 bits (random_ on int64 is uniform on [0, 2^63)). An element is dropped
+    when its draw is below round(p * 2^32), resp. round(p * 2^31): P(drop) = p to within 2^-32.
+    The generator is torch's, so torch.manual_seed and torch.get_rng_state cover it as before.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_()  # (ceil(n/2),)
+    halves = words.view(torch.int32).view(-1, 2)  # (ceil(n/2), 2): each word's two halves
+    low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
+    limits = [0, 0]
+    limits[low] = -2**31 + round(p * 2**32)  # the low half read as int32 is uniform on [-2^31, 2^31)
+    limits[high] = round(p * 2**31)  # the high half is uniform on [0, 2^31)
+    return (halves < torch.tensor(limits, dtype=torch.int32, device=device)).view(-1)[:n].view(shape)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, as F.dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    CPUs take the faster mask of dropout_mask; other devices keep torch's kernel."""
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return x.masked_fill(dropout_mask(x.shape, p, x.device), 0) * (1 / (1 - p))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              p: float, training: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(K) + mask) v with dropout p on the probabilities: (B, H, R, K) from
+    q (B, H, R, K), k and v (B, H, S, K); mask (B, 1, 1, S), True = attend."""
+    if not training or p == 0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    # CPU training: SDPA's dropout falls back to its unfused path and torch's bernoulli_; the same
+    # computation written out uses the faster mask (and no extra copies of the probabilities).
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, R, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as SDPA under autocast
+    probs = probs.masked_fill(dropout_mask(probs.shape, p, probs.device), 0)
+    return (probs @ v) * (1 / (1 - p))  # the dropout scale, applied to the (R, K) output: fewer elements
+
+
 class Layer(nn.Module):
     """One post-LayerNorm Transformer block: attention, then a GELU feed-forward network."""
 
@@ -108,21 +155,29 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(D, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, D)
         self.ffn_norm = nn.LayerNorm(D, eps=eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.hidden_dropout = config.hidden_dropout_prob
         self.attn_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D); with `rows`, only those positions' outputs (B, R, D): every
+        position is still attended to, but queries, the feed-forward network and the norms run on
+        R rows instead of S (the last layer, where only the rows the heads read are needed)."""
         B, S, D = x.shape
         H = self.num_heads
-        # (B, S, D) -> (B, H, S, K): one attention map per head
-        q, k, v = self.qkv(x).view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, K)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
-        a = a.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
+        if rows is None:
+            # (B, S, D) -> (B, H, S, K): one attention map per head
+            q, k, v = self.qkv(x).view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, K)
+        else:
+            x_all, x = x, x[:, rows]  # (B, S, D), (B, R, D)
+            weight, bias = self.qkv.weight, self.qkv.bias  # rows 0..D-1 are the query projection
+            q = F.linear(x, weight[:D], bias[:D]).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, R, K)
+            k, v = F.linear(x_all, weight[D:], bias[D:]).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        a = attention(q, k, v, mask, self.attn_dropout, self.training)  # (B, H, R, K)
+        a = a.transpose(1, 2).reshape(B, -1, D)  # (B, R, D)
         # NOTE: post-LayerNorm (BERT/ELECTRA), not the pre-LayerNorm of GPT-2 and later models.
-        x = self.attn_norm(x + self.dropout(self.attn_out(a)))
+        x = self.attn_norm(x + dropout(self.attn_out(a), self.hidden_dropout, self.training))
         h = self.ffn_out(F.gelu(self.ffn_in(x)))  # NOTE: exact erf GELU, as in the checkpoints
-        return self.ffn_norm(x + self.dropout(h))
+        return self.ffn_norm(x + dropout(h, self.hidden_dropout, self.training))
 
 
 class Electra(nn.Module):
@@ -136,7 +191,6 @@ class Electra(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, E)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, E)
         self.embedding_norm = nn.LayerNorm(E, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # NOTE: ELECTRA-small embeds in E = 128 and projects to D = 256; base and BERT have E = D.
         self.embeddings_project = nn.Linear(E, D) if E != D else None
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
@@ -150,26 +204,55 @@ class Electra(nn.Module):
         if isinstance(module, nn.Linear):
             nn.init.zeros_(module.bias)
 
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedded text, after LayerNorm and dropout: (B, T) -> (B, T, E)."""
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+              first_position: int = 0) -> torch.Tensor:
+        """Embedded text, after LayerNorm and dropout: (B, T) -> (B, T, E). The text takes positions
+        first_position .. first_position+T-1 (0 unless prompts take the first positions)."""
         T = input_ids.shape[1]
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"{T} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
+        if first_position + T > self.config.max_position_embeddings:
+            raise ValueError(f"{first_position + T} positions exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(T, device=input_ids.device)
+        positions = torch.arange(first_position, first_position + T, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + \
             self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.embedding_norm(x))
+        return dropout(self.embedding_norm(x), self.config.hidden_dropout_prob, self.training)
+
+    def embed_vectors(self, vectors: torch.Tensor, with_positions: bool = False) -> torch.Tensor:
+        """Vectors that stand in for word embeddings (soft prompts), embedded as tokens of segment 0
+        are: + token-type embedding (+ positions 0..P-1 if with_positions), LayerNorm, dropout.
+        (B, P, E) -> (B, P, E)."""
+        x = vectors + self.token_type_embeddings.weight[0]
+        if with_positions:
+            P = vectors.shape[-2]
+            if P > self.config.max_position_embeddings:
+                raise ValueError(f"{P} prompt positions exceed max_position_embeddings="
+                                 f"{self.config.max_position_embeddings}")
+            x = x + self.position_embeddings.weight[:P]
+        return dropout(self.embedding_norm(x), self.config.hidden_dropout_prob, self.training)
+
+    def encode(self, x: torch.Tensor, keep: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """The Transformer layers on embedded input x (B, S, E); keep (B, S) bool, True = a real
+        position. Returns (B, S, D), or (B, R, D) with `rows`: the last layer computes only the
+        outputs of those positions (the rest would be thrown away)."""
+        if self.embeddings_project is not None:
+            x = self.embeddings_project(x)  # (B, S, D)
+        # Without padding, pass no mask: SDPA can then take its fastest kernel.
+        mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, S), True = attend
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, rows if i == len(self.layers) - 1 else None)
+        return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None,
-                prefix: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+                rows: slice | None = None) -> torch.Tensor:
         """input_ids, attention_mask (1 = token, 0 = padding), token_type_ids: (B, T).
 
-        prefix: (B, P, E) or (P, E) vectors prepended to the embedded text, always attended to.
-        They take no position embedding, so the text keeps positions 0..T-1 as in pre-training and
-        P is not limited by max_position_embeddings. Returns (B, P+T, D).
+        prefix: (B, P, E) or (P, E) vectors prepended to the embedded text (after its LayerNorm and
+        dropout), always attended to. They take no position embedding, so the text keeps positions
+        0..T-1 as in pre-training and P is not limited by max_position_embeddings. Returns
+        (B, P+T, D), or (B, R, D) for the positions in `rows` (see encode).
         """
         B, T = input_ids.shape
         x = self.embed(input_ids, token_type_ids)  # (B, T, E)
@@ -182,13 +265,7 @@ class Electra(nn.Module):
             prefix = prefix.to(x.dtype).expand(B, -1, -1)  # (B, P, E)
             x = torch.cat([prefix, x], dim=1)  # (B, P+T, E)
             keep = torch.cat([keep.new_ones(B, prefix.shape[1]), keep], dim=1)  # (B, P+T)
-        if self.embeddings_project is not None:
-            x = self.embeddings_project(x)  # (B, P+T, D)
-        # Without padding, pass no mask: SDPA can then take its fastest kernel.
-        mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, P+T), True = attend
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        return self.encode(x, keep, rows)
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -628,6 +628,12 @@ def task_score(task: Task, metrics: dict[str, float]) -> float:
     return float(np.mean(values))
 
 
+def primary_score(task: Task, metrics: dict[str, float]) -> float:
+    """The one metric per task that the paper's Table 1 reports and averages: the first of task.metrics
+    (CoLA MCC, MRPC and QQP F1, STS-B Spearman, accuracy elsewhere; MNLI m and mm averaged)."""
+    return task_score(replace(task, metrics=task.metrics[:1]), metrics)
+
+
 def glue_average(scores: dict[str, float]) -> float:
     """The GLUE average: an unweighted mean over tasks. Keys are task names or "<task>/<split>"; splits of
     one task are averaged first, so MNLI matched and mismatched count as one task. WNLI counts if it is

