@@ -1803,3 +1803,31 @@ def test_batched_heads_at_inference_equal_the_per_head_loop(mode):
                 torch.testing.assert_close(logits[name], model.heads[i](features[:, i]), atol=1e-6, rtol=1e-5)
                 assert logits[name].shape == (len(ids), n)
             model.heads[5].dense.weight.mul_(2.0)  # an in-place change: the next call must see it
+
+
+def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, token_cache, tmp_path):
+    """torchrun --nproc_per_node=2 train.py --predict: each rank labels its chunks, and the output equals a
+    one-process run line for line; --predict-output naming the input is refused, the input unchanged."""
+    out = tmp_path / "run"
+    train.main(run_args(tiny_model, token_cache, out, "--tasks", "SST-2,STS-B", "--max-steps", "4",
+                        "--interval", "2", "--no-test"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"sentence number {i} is {'good' if i % 3 else 'bad'}"}) + "\n"
+                              for i in range(2500)))
+    before = corpus.read_bytes()
+    with pytest.raises(SystemExit, match="is the input file"):
+        train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"), "--predict-output", str(corpus)])
+    assert corpus.read_bytes() == before
+    single = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"),
+                         "--predict-output", str(tmp_path / "one.jsonl")])
+    chunked = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"), "--predict-chunk", "300",
+                          "--predict-output", str(tmp_path / "small.jsonl")])
+    assert chunked.read_text() == single.read_text()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), "--predict", str(corpus), "--checkpoint", str(out / "best"),
+                           "--predict-output", str(tmp_path / "two.jsonl"), "--predict-chunk", "300"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two.jsonl").read_text() == single.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no parts left

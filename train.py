@@ -21,6 +21,7 @@ import contextlib
 import csv
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -101,9 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoint", default="", help="trained model folder (default: <output-dir>/best)")
     g.add_argument("--text-columns", default="", help="column(s) / JSON key(s) holding the text, e.g. text or a,b")
     g.add_argument("--predict-output", default="", help="output JSONL (default: <input>.predictions.jsonl)")
+    g.add_argument("--predict-chunk", type=int, default=4096,
+                   help="rows read, labelled and written at a time (under torchrun: the unit shared out)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "interval", "epochs", "max_length", "log_every", "save_every",
-                 "task_prompt_len"):
+                 "task_prompt_len", "predict_chunk"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     for flag in ("max_steps", "eval_every", "probe_size", "stop_after", "shared_prompt_len", "weight_decay",
@@ -596,7 +599,7 @@ def train(args: argparse.Namespace) -> dict:
     records = JsonlLog(out / "log.jsonl", rank == 0)
     eval_every = args.eval_every or steps_per_epoch
     metadata = {"tasks": [{"name": t.name, "kind": t.kind, "labels": list(t.labels or []),
-                           "scale": data[t.name]["scale"]} for t in tasks],
+                           "scale": data[t.name]["scale"], "pair": len(t.text) == 2} for t in tasks],
                 "max_length": args.max_length, "model": str(args.model)}
     step, best, history = run["step"], run["best"], run["history"]
 
@@ -780,6 +783,14 @@ def plot(out: Path) -> None:
 
 def read_corpus(path: Path, columns: list[str]):
     """Yield (line number, text_a, text_b or None) from a TSV with a header or a JSONL file."""
+    try:
+        yield from _read_corpus(path, columns)
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"error: {path}: not UTF-8 text ({err.reason} at byte {err.start} of a block); "
+                         "save the corpus as UTF-8") from None
+
+
+def _read_corpus(path: Path, columns: list[str]):
     with open(path, encoding="utf-8", newline="") as f:
         if path.suffix == ".jsonl":
             for number, line in enumerate(f, 1):
@@ -787,79 +798,143 @@ def read_corpus(path: Path, columns: list[str]):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise SystemExit(f"{path}:{number}: not a JSON object ({err})") from None
+                        raise SystemExit(f"error: {path}:{number}: not a JSON object ({err})") from None
                     keys = columns or ["text"]
-                    missing = [k for k in keys if k not in row]
+                    missing = [k for k in keys if not isinstance(row, dict) or k not in row]
                     if missing:
-                        raise SystemExit(f"{path}:{number}: no key {missing[0]!r} (use --text-columns)")
-                    yield number, row[keys[0]], row[keys[1]] if len(keys) > 1 else None
+                        raise SystemExit(f"error: {path}:{number}: no key {missing[0]!r} (use --text-columns)")
+                    texts = [row[k] for k in keys]
+                    if not all(isinstance(t, str) for t in texts):
+                        raise SystemExit(f"error: {path}:{number}: the value of {keys} must be a string")
+                    yield number, texts[0], texts[1] if len(texts) > 1 else None
             return
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None:
-            raise SystemExit(f"{path}: empty; expected a header row naming the text column(s)")
+            raise SystemExit(f"error: {path}: empty; expected a header row naming the text column(s)")
         keys = columns or [header[0]]
         missing = [k for k in keys if k not in header]
         if missing:
-            raise SystemExit(f"{path}:1: no column {missing[0]!r} in header {header} (use --text-columns)")
+            raise SystemExit(f"error: {path}:1: no column {missing[0]!r} in header {header} (use --text-columns)")
         where = [header.index(k) for k in keys]
         for number, row in enumerate(reader, 2):
             if len(row) != len(header):
-                raise SystemExit(f"{path}:{number}: {len(row)} columns, the header has {len(header)}")
+                raise SystemExit(f"error: {path}:{number}: {len(row)} columns, the header has {len(header)}")
             yield number, row[where[0]], row[where[1]] if len(where) > 1 else None
 
 
-def predict_corpus(args: argparse.Namespace, chunk: int = 4096) -> Path:
+class Labeller:
+    """A trained model folder (runs/.../best) that labels texts with every task from one encoder pass
+    per batch. From Python:
+
+        labeller = Labeller("runs/mtop/best")
+        labeller(["a gripping film", "the plot goes nowhere"])     # [{"SST-2": "1", "CoLA": "1", ...}, ...]
+        labeller(questions, answers)                               # pairs: two lists of one length
+    """
+
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64):
+        self.model, self.metadata = MTOP.load(folder, map_location=device)
+        self.tokenizer = glue_data.load_tokenizer(folder)
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        tasks = self.metadata.get("tasks")
+        if not isinstance(tasks, list) or any(not isinstance(t, dict) or "name" not in t for t in tasks):
+            raise ValueError(f"{Path(folder) / 'mtop.json'}: its metadata has no task list (written by train.py)")
+        self.labels = {t["name"]: t.get("labels") for t in tasks}
+        self.scales = {t["name"]: t.get("scale", (0.0, 1.0)) for t in tasks}
+        self.pair_tasks = [t["name"] for t in tasks if t.get("pair")]
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        encoded = glue_data.encode(self.tokenizer, texts, pairs, self.metadata.get("max_length", 128))
+        results: list[dict] = [{} for _ in texts]
+        for batch in glue_data.batch_order(encoded.lengths, self.batch_size, 0, 0, shuffle=False):
+            inputs = glue_data.collate(encoded, batch, multiple=pad_multiple(self.device))
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+                logits = self.model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+            for name, values in logits.items():  # one encoder pass gave every task's logits
+                values = values.float().cpu()
+                if self.model.num_labels[name] == 1:
+                    mean, std = self.scales[name]
+                    found = [round(float(v) * std + mean, 4) for v in values.squeeze(-1)]
+                else:
+                    names = self.labels.get(name) or list(range(values.shape[1]))
+                    found = [names[i] for i in values.argmax(-1).tolist()]
+                for row, value in zip(batch.tolist(), found):
+                    results[row][name] = value
+        return results
+
+
+def predict_corpus(args: argparse.Namespace) -> Path | None:
+    """--predict: label every row of a corpus with every task, in chunks (constant memory). Under torchrun
+    the chunks are shared out (chunk j to rank j mod K) and rank 0 joins the parts in input order."""
+    rank, world, device = setup_distributed(args.device)
     folder = Path(args.checkpoint or Path(args.output_dir) / "best")
-    with user_errors():
-        model, metadata = MTOP.load(folder, map_location=args.device)
-        tokenizer = glue_data.load_tokenizer(folder)
-    labels = {t["name"]: t["labels"] for t in metadata["tasks"]}
-    scales = {t["name"]: t["scale"] for t in metadata["tasks"]}
     source = Path(args.predict)
     target = Path(args.predict_output or f"{source}.predictions.jsonl")
     columns = [c for c in args.text_columns.split(",") if c]
     if not source.is_file():
-        raise SystemExit(f"--predict: no such file {source}")
+        raise SystemExit(f"error: --predict: no such file {source}")
+    if target.resolve() == source.resolve():
+        raise SystemExit(f"error: --predict-output {target} is the input file; give another path (nothing was written)")
+    if not target.parent.is_dir():
+        raise SystemExit(f"error: --predict-output: the folder {target.parent} does not exist; create it first")
+    with user_errors():
+        labeller = Labeller(folder, device, args.dtype)
+    if len(columns) < 2 and labeller.pair_tasks:
+        log(f"warning: {', '.join(labeller.pair_tasks)} read sentence pairs, and the corpus gives one text; "
+            "name two columns with --text-columns a,b for them", rank)
     tmp = target.with_name(f".{target.name}.tmp")
-    rows = read_corpus(source, columns)
+    part = tmp if world == 1 else target.with_name(f".{target.name}.part{rank}")
+    started, done, chunk = time.perf_counter(), 0, args.predict_chunk
     try:
-        write_predictions(model, tokenizer, rows, tmp, labels, scales, metadata, args, chunk)
+        with open(part, "w", encoding="utf-8") as f:
+            rows = read_corpus(source, columns)
+            for index in itertools.count():
+                block = list(itertools.islice(rows, chunk))
+                if not block:
+                    break
+                done += len(block)
+                if index % world != rank:
+                    continue
+                pairs = [r[2] for r in block] if block[0][2] is not None else None
+                for (number, _, _), labels in zip(block, labeller([r[1] for r in block], pairs)):
+                    f.write(json.dumps({"line": number, **labels}) + "\n")
+                log(f"labelled {done} rows ({done / (time.perf_counter() - started):.0f} rows/s"
+                    f"{f' over {world} processes' if world > 1 else ''})", rank)
+        if world > 1:
+            dist.barrier()  # every part is complete
+            if rank == 0:
+                join_parts([part.with_name(f".{target.name}.part{r}") for r in range(world)], tmp, chunk)
+            dist.barrier()
     except BaseException:
         tmp.unlink(missing_ok=True)  # a half-written output never takes the target's name
+        if world > 1:
+            part.unlink(missing_ok=True)
         raise
+    if world > 1:
+        part.unlink(missing_ok=True)
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
     tmp.replace(target)
-    print(f"wrote {target}")
+    log(f"wrote {target}")
     return target
 
 
-def write_predictions(model, tokenizer, rows, tmp: Path, labels, scales, metadata, args, chunk: int) -> None:
-    """Stream `rows` through the model chunk by chunk and write one JSON line per row to `tmp`."""
-    started, done = time.perf_counter(), 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        while block := [r for _, r in zip(range(chunk), rows)]:  # constant memory: one chunk at a time
-            pairs = block[0][2] is not None
-            encoded = glue_data.encode(tokenizer, [r[1] for r in block], [r[2] for r in block] if pairs else None,
-                                       metadata.get("max_length", args.max_length))
-            results = {name: np.empty(len(block), dtype=object) for name in model.task_names}
-            for batch in glue_data.batch_order(encoded.lengths, 64, 0, 0, shuffle=False):
-                inputs = glue_data.collate(encoded, batch, multiple=pad_multiple(args.device))
-                inputs = {k: v.to(args.device) for k, v in inputs.items()}
-                with torch.no_grad(), torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16,
-                                                     enabled=args.dtype == "bf16"):
-                    logits = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
-                for name, values in logits.items():  # one encoder pass gave every task's logits
-                    values = values.float().cpu()
-                    if model.num_labels[name] == 1:
-                        mean, std = scales[name]
-                        results[name][batch] = [round(float(v) * std + mean, 4) for v in values.squeeze(-1)]
-                    else:
-                        names = labels.get(name) or list(range(values.shape[1]))
-                        results[name][batch] = [names[i] for i in values.argmax(-1).tolist()]
-            for i, (number, _, _) in enumerate(block):
-                f.write(json.dumps({"line": number, **{n: results[n][i] for n in model.task_names}}) + "\n")
-            done += len(block)
-            print(f"predicted {done} rows ({done / (time.perf_counter() - started):.0f} rows/s)", flush=True)
+def join_parts(parts: list[Path], out: Path, chunk: int) -> None:
+    """Interleave the ranks' parts chunk by chunk (chunk j is in part j mod K): the input's order."""
+    files = [open(p, encoding="utf-8") for p in parts]
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            for index in itertools.count():
+                lines = list(itertools.islice(files[index % len(files)], chunk))
+                if not lines:
+                    break
+                f.writelines(lines)
+    finally:
+        for file in files:
+            file.close()
 
 
 def main(argv: list[str] | None = None):

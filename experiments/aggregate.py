@@ -1,0 +1,258 @@
+"""Write RESULTS.md and its figures from the experiments' JSON files alone.
+
+    python experiments/aggregate.py            # reads experiments/results/, writes RESULTS.md, experiments/figures/
+
+RESULTS.md is experiments/RESULTS.template.md with every {{name}} filled in: {{table:<plan>}} is the
+results table of a plan (mean and standard deviation over seeds of each task's dev score), {{diag:...}} the
+diagnosis tables, and every other {{key}} one number computed here (the list: --keys). A key the template
+names but the JSON files do not give stops the script: no number in RESULTS.md is typed by hand.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import glue_data  # noqa: E402
+
+RESULTS, FIGURES = ROOT / "experiments" / "results", ROOT / "experiments" / "figures"
+TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "RTE"]
+LABELS = {  # how the runs are named in the tables
+    "single": "single-task (one model per task)", "mtdnn": "MT-DNN (`--mode none`)",
+    "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)", "stopgrad": "stopgrad (Fig. 1c)",
+    "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
+    "mtop-dts-heldout": "MTOP, DTS, probes on held-out train",
+}
+
+
+def load(plan: str) -> dict[str, list[dict]]:
+    """{run name: [result of each seed]} in the plan's order."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted((RESULTS / plan).glob("*.json"), key=lambda p: (p.stem.rsplit("-seed", 1)[0], p.stem)):
+        result = json.loads(path.read_text())
+        runs.setdefault(result["run"], []).append(result)
+    plan_file = ROOT / "experiments" / "plans" / f"{plan}.json"
+    if plan_file.exists():
+        order = [r["name"] for r in json.loads(plan_file.read_text())["runs"]]
+        runs = {name: runs[name] for name in order if name in runs}
+    return runs
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def fmt(values: list[float]) -> str:
+    mean, sd = mean_sd(values)
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
+
+
+def majority_levels(glue: Path, tasks: list[str]) -> dict[str, float]:
+    """Each task's dev score when every text gets the train majority class (regression: the train mean,
+    whose correlations are undefined and count as 0)."""
+    levels = {}
+    for name in tasks:
+        task = glue_data.GLUE_TASKS[name]
+        if task.kind == "regression":
+            levels[name] = 0.0
+            continue
+        majority = np.bincount(glue_data.load_split(task, "train", glue).labels).argmax()
+        labels = glue_data.load_split(task, "dev", glue).labels
+        levels[name] = glue_data.task_score(task, glue_data.compute_metrics(task, np.full(len(labels), majority), labels))
+    return levels
+
+
+def plan_table(plan: str, values: dict, majority: dict[str, float] | None) -> str:
+    runs = load(plan)
+    if not runs:
+        raise SystemExit(f"no results for plan {plan!r} in {RESULTS / plan}")
+    tasks = [t for t in TASK_ORDER if t in next(iter(runs.values()))[0]["final"]["scores"]]
+    lines = ["| run | " + " | ".join(tasks) + " | GLUE avg | Table 1 avg | seeds | minutes per run |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    if majority:
+        lines.append("| majority class (no skill) | " + " | ".join(f"{100 * majority[t]:.1f}" for t in tasks)
+                     + " | | | | |")
+    for name, results in runs.items():
+        cells = []
+        for task in tasks:
+            scores = [r["final"]["scores"][task] for r in results]
+            cells.append(fmt(scores))
+            values[f"{plan}.{name}.{task}"] = f"{100 * np.mean(scores):.1f}"
+        for key in ("average", "paper_average"):
+            scores = [r["final"][key] for r in results]
+            cells.append(fmt(scores))
+            mean, sd = mean_sd(scores)
+            values[f"{plan}.{name}.{key}"] = f"{100 * mean:.1f}"
+            values[f"{plan}.{name}.{key}.sd"] = f"{100 * sd:.1f}"
+        minutes = np.mean([r["wall_seconds"] for r in results]) / 60
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {len(results)} | {minutes:.1f} |")
+        values[f"{plan}.{name}.seeds"] = str(len(results))
+    values[f"{plan}.runs"] = str(sum(len(r) for r in runs.values()))
+    values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for rs in runs.values() for r in rs) / 3600:.1f}"
+    first = next(iter(runs.values()))[0]
+    values[f"{plan}.machine"] = first["machine"]
+    values[f"{plan}.commit"] = first["commit"]
+    return "\n".join(lines)
+
+
+def curves(plan: str, values: dict) -> str:
+    """Dev average against step, mean over seeds: a table and figures/<plan>.png."""
+    runs = load(plan)
+    steps = sorted({e["step"] for results in runs.values() for r in results for e in r["evals"]})
+    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    series = {}
+    for name, results in runs.items():
+        row = []
+        for step in steps:
+            found = [e["average"] for r in results for e in r["evals"] if e["step"] == step]
+            row.append(fmt(found) if found else "")
+            if found:
+                series.setdefault(name, []).append((step, float(np.mean(found))))
+                values[f"{plan}.{name}.step{step}"] = f"{100 * np.mean(found):.1f}"
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(row) + " |")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, points in series.items():
+            ax.plot(*zip(*[(s, 100 * v) for s, v in points]), marker="o", label=LABELS.get(name, name))
+        ax.set(xlabel="training step (batch 16)", ylabel="dev average (GLUE, x100)", title=f"learning curves ({plan})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        fig.savefig(FIGURES / f"{plan}.png", dpi=100)
+        plt.close(fig)
+    except ImportError:
+        print("matplotlib is not installed: figures left as they are", file=sys.stderr)
+    return "\n".join(lines)
+
+
+def diagnosis(folder: str, values: dict) -> dict[str, str]:
+    """Tables of experiments/diagnose.py's measurements: at step 0 and at the last step."""
+    results = [json.loads(p.read_text()) for p in sorted((RESULTS / folder).glob("*.json"))]
+    if not results:
+        raise SystemExit(f"no diagnosis results in {RESULTS / folder}")
+
+    def label(r):
+        c = r["config"]
+        return "[CLS], no prompts" if c["mode"] == "none" else f"{c['entry']}, {c['init']}, S = {c['shared']}"
+
+    def key(r):
+        c = r["config"]
+        return "none" if c["mode"] == "none" else f"{c['entry']}.{c['init']}.S{c['shared']}"
+
+    tables = {}
+    head = ("| prompts | feature variation | slot cosine | text -> prompts attention (layers 1..6) | "
+            "prompts -> text attention | text shift (layers 1..6) | majority share | dev |")
+    for which, index in (("init", 0), ("last", -1)):
+        lines = [head, "|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            p = r["points"][index]
+            k = f"{folder}.{key(r)}.{which}"
+            values[f"{k}.feature_variation"] = f"{p['feature_variation']:.2f}"
+            values[f"{k}.dev"] = f"{100 * p['dev']:.1f}"
+            values[f"{k}.step"] = str(p["step"])
+            if "slot_cosine" in p:
+                values[f"{k}.slot_cosine"] = f"{p['slot_cosine']:.2f}"
+                values[f"{k}.text_to_prompts"] = f"{np.mean(p['attention_text_to_prompts']):.2f}"
+                values[f"{k}.prompts_to_text"] = f"{np.mean(p['attention_prompts_to_text']):.2f}"
+                values[f"{k}.text_shift_last"] = f"{p['text_shift'][-1]:.2f}"
+                cells = [f"{p['feature_variation']:.2f}", f"{p['slot_cosine']:.2f}",
+                         " ".join(f"{v:.2f}" for v in p["attention_text_to_prompts"]),
+                         " ".join(f"{v:.2f}" for v in p["attention_prompts_to_text"]),
+                         " ".join(f"{v:.2f}" for v in p["text_shift"])]
+            else:
+                cells = [f"{p['feature_variation']:.2f}", "", "", "", ""]
+            cells += [f"{p.get('majority_share', float('nan')):.2f}", f"{100 * p['dev']:.1f}"]
+            lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
+        tables[f"diag:{folder}:{which}"] = "\n".join(lines)
+        values[f"{folder}.{which}.step"] = str(results[0]["points"][index]["step"])
+    # Over training: feature variation and dev score at every measurement.
+    steps = [p["step"] for p in results[0]["points"]]
+    lines = ["| prompts | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for r in results:
+        lines.append(f"| {label(r)} | " + " | ".join(f"{p['feature_variation']:.2f} / {100 * p['dev']:.0f}"
+                                                   for p in r["points"]) + " |")
+    tables[f"diag:{folder}:training"] = "\n".join(lines)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+        for r in results:
+            left.plot([p["step"] for p in r["points"]], [p["feature_variation"] for p in r["points"]], marker=".",
+                      label=label(r))
+            if "attention_text_to_prompts" in r["points"][0]:
+                right.plot(range(1, 1 + len(r["points"][0]["attention_text_to_prompts"])),
+                           r["points"][0]["attention_text_to_prompts"], marker="o", label=label(r))
+        left.set(xlabel="step", ylabel="feature variation across inputs", title="what the task feature carries")
+        right.set(xlabel="layer", ylabel="share of text attention on prompts", title="at initialisation")
+        left.legend(fontsize=6)
+        right.legend(fontsize=6)
+        fig.tight_layout()
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        fig.savefig(FIGURES / f"{folder}.png", dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return tables
+
+
+def inference(values: dict) -> str:
+    path = RESULTS / "inference" / "inference.json"
+    result = json.loads(path.read_text())
+    lines = ["| method | encoder passes per document | documents/s (all tasks) |", "|---|---|---|"]
+    for name, m in result["methods"].items():
+        lines.append(f"| {LABELS.get(name, name)} | {m['encoder_passes_per_document']:.0f} | "
+                     f"{m['documents_per_second']:.1f} |")
+        values[f"inference.{name}.docs"] = f"{m['documents_per_second']:.1f}"
+        values[f"inference.{name}.passes"] = f"{m['encoder_passes_per_document']:.0f}"
+    values["inference.machine"] = f"{result['machine']}, {result['threads']} threads, torch {result['torch']}"
+    values["inference.texts"] = str(result["texts"])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--template", default=str(ROOT / "experiments" / "RESULTS.template.md"))
+    parser.add_argument("--out", default=str(ROOT / "RESULTS.md"))
+    parser.add_argument("--glue", default=str(ROOT.parent / "shared" / "glue"), help="for the majority-class row")
+    parser.add_argument("--keys", action="store_true", help="print every key the template may use, and exit")
+    options = parser.parse_args()
+    template = Path(options.template).read_text(encoding="utf-8")
+    values: dict[str, str] = {}
+    tables: dict[str, str] = {}
+    majority = majority_levels(Path(options.glue), TASK_ORDER) if Path(options.glue).is_dir() else None
+    for name in sorted(set(re.findall(r"\{\{(\w+):([\w.-]+)(?::\w+)?\}\}", template))):
+        kind, arg = name
+        if kind == "table":
+            tables[f"table:{arg}"] = plan_table(arg, values, majority)
+        elif kind == "curves":
+            tables[f"curves:{arg}"] = curves(arg, values)
+        elif kind == "diag":
+            tables |= diagnosis(arg, values)
+        elif kind == "inference":
+            tables["inference:cost"] = inference(values)
+    if majority:
+        values |= {f"majority.{t}": f"{100 * v:.1f}" for t, v in majority.items()}
+    values |= tables
+    if options.keys:
+        print("\n".join(sorted(k for k in values if ":" not in k)))
+        return
+    missing = sorted({k for k in re.findall(r"\{\{([^}]+)\}\}", template) if k not in values})
+    if missing:
+        raise SystemExit(f"{options.template} names values the results do not give: {', '.join(missing)}")
+    text = re.sub(r"\{\{([^}]+)\}\}", lambda m: values[m.group(1)], template)
+    Path(options.out).write_text(text, encoding="utf-8")
+    print(f"wrote {options.out} ({len(values)} values)")
+
+
+if __name__ == "__main__":
+    main()
