@@ -20,6 +20,7 @@ Generators", ICLR 2020; Devlin et al., "BERT", NAACL 2019. Weight layout: Huggin
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -450,5 +451,10 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         tmp.replace(path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(err):
+            raise OSError(f"no space left on the device while writing {path}; the previous {path.name}, if any, "
+                          "is untouched. Free some space and run again (--resume continues a run)") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)

@@ -210,8 +210,8 @@ def _task_from_json(entry: object, number: int, path: Path) -> Task:
         return tuple(value)
 
     name, kind = entry["name"], entry["type"]
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"{where}: 'name' must be a non-empty string without '/'")
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in '/\\:*?"<>|') or name in (".", ".."):
+        raise ValueError(f"{where}: 'name' must be a non-empty string that can name a file (no / \\ : * ? \" < > |)")
     if kind not in ("classification", "regression"):
         raise ValueError(f"{where}: 'type' must be 'classification' or 'regression', got {kind!r}")
     allowed = ("accuracy", "f1", "mcc") if kind == "classification" else ("pearson", "spearman")
@@ -222,6 +222,8 @@ def _task_from_json(entry: object, number: int, path: Path) -> Task:
                   for split in _SPLITS if split in entry)
     task = Task(name, kind, None, metrics, files, strings("text", None, 1, 2), strings("label", None)[0],
                 missing=strings("missing", [], 0, 10_000))
+    if task.label in task.text or len(set(task.text)) != len(task.text):
+        raise ValueError(f"{where}: the columns must differ: 'text' {list(task.text)}, 'label' {task.label!r}")
     if "labels" in entry and kind == "regression":
         raise ValueError(f"{where}: 'labels' is only for classification tasks")
     if kind == "regression":
@@ -240,8 +242,11 @@ def _train_labels(task: Task) -> list[str]:
         raise FileNotFoundError(_missing_message(task, "train", path))
     header, rows = _read_table(path, None)
     column = _column_indices(header, (task.label,), path)[0]
-    # Malformed rows are left to load_split, which reports them with their line numbers.
-    return [fields[column].strip() for _, fields in rows if len(fields) == len(header)]
+    for line, fields in rows:
+        if len(fields) != len(header):
+            raise ValueError(f"{path}, line {line}: {len(fields)} columns, expected {len(header)} "
+                             f"({', '.join(header)}); a text with a tab or a line break in it?")
+    return [fields[column].strip() for _, fields in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -676,8 +681,8 @@ def write_submission(tasks: list[Task], predictions: dict[str, np.ndarray], out_
     written = []
     for key in ordered:
         name, _, split = key.partition("/")
-        task = GLUE_TASKS["AX"] if name == "AX" else trained.get(name)
-        if task is None or split not in task.test_splits or (name == "AX" and "MNLI" not in trained):
+        task = trained.get(name, GLUE_TASKS["AX"] if name == "AX" else None)  # a custom task may be named AX
+        if task is None or split not in task.test_splits or (task is GLUE_TASKS["AX"] and "MNLI" not in trained):
             raise ValueError(f"predictions for {key!r}, but that is not a test split of a trained task "
                              f"(trained: {', '.join(trained)}; AX needs MNLI)")
         is_glue = GLUE_TASKS.get(name) == task
@@ -701,7 +706,9 @@ def write_submission(tasks: list[Task], predictions: dict[str, np.ndarray], out_
         with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
             for file_name in written:
                 archive.write(out_dir / file_name, arcname=file_name)  # flat: no folder in the zip
-    zip_path = out_dir / "glue_submission.zip"
+    # The leaderboard's zip when every task is GLUE's; a custom task set's test predictions otherwise.
+    glue_only = all(GLUE_TASKS.get(task.name) == task for task in tasks)
+    zip_path = out_dir / ("glue_submission.zip" if glue_only else "test_predictions.zip")
     _write_atomically(zip_path, write_zip)
     left_out = left_out_of_submission(predictions) if set(written) & set(SUBMISSION_FILES.values()) else []
     print(f"wrote {zip_path} ({len(written)} files)"
@@ -716,14 +723,45 @@ GLUE_URL = "https://dl.fbaipublicfiles.com"
 _ARCHIVES = {"CoLA": "glue/data/CoLA.zip", "SST-2": "glue/data/SST-2.zip", "QQP": "glue/data/QQP-clean.zip",
              "STS-B": "glue/data/STS-B.zip", "MNLI": "glue/data/MNLI.zip", "QNLI": "glue/data/QNLIv2.zip",
              "RTE": "glue/data/RTE.zip", "WNLI": "glue/data/WNLI.zip"}  # each unzips to <task>/<split>.tsv
+# The sha256 of every file the download fetches, as published: Hugging Face datasets' glue
+# dataset_infos.json (last version, 2020-09-18), Transformers.jl's GLUE data dependencies and TensorFlow
+# Datasets' url_checksums/glue.txt agree on each (Transformers.jl gives the three MRPC files one combined
+# digest, which these three reproduce). A file with another digest is refused and nothing is installed.
+GLUE_SHA256 = {
+    "glue/data/CoLA.zip": "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff",
+    "glue/data/SST-2.zip": "d67e16fb55739c1b32cdce9877596db1c127dc322d93c082281f64057c16deaa",
+    "glue/data/QQP-clean.zip": "40e7c862c04eb26ee04b67fd900e76c45c6ba8e6d8fab4f8f1f8072a1a3fbae0",
+    "glue/data/STS-B.zip": "e60a6393de5a8b5b9bac5020a1554b54e3691f9d600b775bd131e613ac179c85",
+    "glue/data/MNLI.zip": "e7c1d896d26ed6caf700110645df426cc2d8ebf02a5ab743d5a5c68ac1c83633",
+    "glue/data/QNLIv2.zip": "e634e78627a29adaecd4f955359b22bf5e70f2cbd93b493f2d624138a0c0e5f5",
+    "glue/data/RTE.zip": "6bf86de103ecd335f3441bd43574d23fef87ecc695977a63b82d5efb206556ee",
+    "glue/data/WNLI.zip": "ae0e8e4d16f4d46d4a0a566ec7ecceccfd3fbfaa4a7a4b4e02848c0f2561ac46",
+    "glue/data/AX.tsv": "0e13510b1bb14436ff7e2ee82338f0efb0133ecf2e73507a697dc210db3f05fd",
+    "senteval/senteval_data/msr_paraphrase_train.txt": "60a9b09084528f0673eedee2b69cb941920f0b8cd0eeccefc464a98768457f89",
+    "senteval/senteval_data/msr_paraphrase_test.txt": "a04e271090879aaba6423d65b94950c089298587d9c084bf9cd7439bd785f784",
+    "glue/data/mrpc_dev_ids.tsv": "971d7767d81b997fd9060ade0ec23c4fc31cbb226a55d1bd4a1bac474eb81dc7",
+}
 
 
-def download_glue(data_dir: str | Path, task_names: list[str], base_url: str = GLUE_URL) -> None:
-    """Fetch the named GLUE tasks (and "AX") whose files are missing from data_dir. Each task is fetched
-    and unpacked in a temporary folder inside data_dir, then its files are moved into place: a failed or
-    interrupted download leaves no partial task files (a hard kill may leave a hidden .download-* folder)."""
+def download_glue(data_dir: str | Path, task_names: list[str], base_url: str = GLUE_URL,
+                  checksums: dict[str, str] = GLUE_SHA256) -> None:
+    """Fetch the named GLUE tasks (and "AX") whose files are missing from data_dir, each file checked
+    against its sha256 in `checksums` (keys: paths under base_url). Each task is fetched and unpacked in a
+    temporary folder inside data_dir, then its files are moved into place: a failed, refused or interrupted
+    download leaves no partial task files (a hard kill may leave a hidden .download-* folder), and a
+    data_dir this call created is removed again if it stays empty."""
     data_dir = Path(data_dir)
+    created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _download_tasks(data_dir, task_names, base_url, checksums)
+    except BaseException:
+        if created and not any(data_dir.iterdir()):
+            data_dir.rmdir()
+        raise
+
+
+def _download_tasks(data_dir: Path, task_names: list[str], base_url: str, checksums: dict[str, str]) -> None:
     for name in task_names:
         if name not in GLUE_TASKS:
             raise ValueError(f"unknown GLUE task {name!r}; valid names: {', '.join(GLUE_TASKS)}")
@@ -734,11 +772,11 @@ def download_glue(data_dir: str | Path, task_names: list[str], base_url: str = G
         staging = Path(tempfile.mkdtemp(prefix=f".download-{name}-", dir=data_dir))
         try:
             if name == "MRPC":
-                _build_mrpc(staging, base_url)
+                _build_mrpc(staging, base_url, checksums)
             elif name == "AX":
-                _fetch(f"{base_url}/glue/data/AX.tsv", staging / "diagnostic" / "diagnostic.tsv")
+                _fetch(base_url, "glue/data/AX.tsv", staging / "diagnostic" / "diagnostic.tsv", checksums)
             else:
-                _fetch(f"{base_url}/{_ARCHIVES[name]}", staging / "archive.zip")
+                _fetch(base_url, _ARCHIVES[name], staging / "archive.zip", checksums)
                 try:
                     with zipfile.ZipFile(staging / "archive.zip") as archive:
                         archive.extractall(staging)  # extractall drops '..' and absolute paths
@@ -756,36 +794,46 @@ def download_glue(data_dir: str | Path, task_names: list[str], base_url: str = G
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fetch(url: str, destination: Path) -> None:
-    """Download url to destination.part, report progress, rename when the whole file has arrived."""
+def _fetch(base_url: str, url_path: str, destination: Path, checksums: dict[str, str]) -> None:
+    """Download base_url/url_path to destination.part, report progress, and rename it when the whole
+    file has arrived and its sha256 is the published one (checksums[url_path])."""
+    url = f"{base_url}/{url_path}"
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
+    digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             size, received, reported = int(response.headers.get("Content-Length") or 0), 0, 0
             print(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""), flush=True)
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+                digest.update(chunk)
                 received += len(chunk)
                 if size and received * 10 // size > reported:  # a line at every 10%
                     reported = received * 10 // size
                     print(f"  {received / 1e6:.1f} / {size / 1e6:.1f} MB", flush=True)
         if size and received != size:
             raise OSError(f"the connection closed after {received} of {size} bytes")
+        expected = checksums.get(url_path)
+        if expected is None:
+            raise OSError(f"no published sha256 for {url_path}, so it cannot be verified")
+        if digest.hexdigest() != expected:
+            raise OSError(f"its sha256 is {digest.hexdigest()}, not the published {expected}: a changed or "
+                          "tampered file, refused (nothing was installed)")
         os.replace(part, destination)
     except (OSError, http.client.HTTPException) as error:
         part.unlink(missing_ok=True)
         raise OSError(f"download of {url} failed: {error}") from None
 
 
-def _build_mrpc(staging: Path, base_url: str) -> None:
+def _build_mrpc(staging: Path, base_url: str, checksums: dict[str, str]) -> None:
     """Build MRPC/{train,dev,test}.tsv from the SentEval copies of the MSR Paraphrase corpus, as GLUE did:
     train rows whose (#1 ID, #2 ID) is in mrpc_dev_ids.tsv form dev; the test label becomes an index."""
     sources = {"train": "senteval/senteval_data/msr_paraphrase_train.txt",
                "test": "senteval/senteval_data/msr_paraphrase_test.txt", "dev_ids": "glue/data/mrpc_dev_ids.tsv"}
     lines = {}
     for key, url_path in sources.items():
-        _fetch(f"{base_url}/{url_path}", staging / Path(url_path).name)
+        _fetch(base_url, url_path, staging / Path(url_path).name, checksums)
         text = (staging / Path(url_path).name).read_text(encoding="utf-8")
         lines[key] = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     dev_ids = {tuple(line.strip().split("\t")) for line in lines["dev_ids"]}

@@ -6,6 +6,7 @@ scipy (metrics), the official GLUE row counts. Run with `python -m pytest -q`.
 
 import contextlib
 import functools
+import hashlib
 import http.server
 import importlib.resources
 import importlib.util
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import warnings
 import zipfile
@@ -38,9 +40,74 @@ import scheduler
 import train
 
 ROOT = Path(__file__).resolve().parent
-GLUE_DIR = ROOT.parent / "shared" / "glue"  # the real GLUE files, beside the checkout
+# The real GLUE files, for the tests that check them (row counts, quirks, real text): a folder named by
+# this environment variable; .ci/run sets it to ../shared/glue. Without it those tests are skipped and
+# the rest run on small GLUE-format files the tests write (small_glue).
+GLUE_ENV = "MTOP_TEST_GLUE"
+SMALL_GLUE = Path()  # set by the session fixture small_glue
 TINY = dict(vocab_size=300, embedding_size=64, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=128, max_position_embeddings=64)
+
+
+def real_glue() -> Path:
+    """The real GLUE folder of $MTOP_TEST_GLUE; skips the calling test when it is not set."""
+    folder = Path(os.environ.get(GLUE_ENV, ""))
+    if not os.environ.get(GLUE_ENV) or not (folder / "CoLA" / "train.tsv").is_file():
+        pytest.skip(f"needs the real GLUE files: set {GLUE_ENV}=<folder with CoLA/, SST-2/, ...> (.ci/run does)")
+    return folder
+
+
+_WORDS = ("the a one cat dog film plot actor story movie song book good bad long short funny dull warm cold "
+          "new old red blue runs sees likes hates makes takes gives finds quickly slowly very rather").split()
+
+
+def _sentence(rng, words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(words)) + " ."
+
+
+def write_small_glue(root: Path, rows: tuple[int, int, int] = (48, 16, 16)) -> Path:
+    """Small CoLA, SST-2, MRPC, STS-B, RTE, WNLI and AX files in the official layouts (REFERENCE.md):
+    CoLA train/dev without a header, MRPC train/dev with a byte-order mark, test files without labels."""
+    import random as stdlib_random
+    rng = stdlib_random.Random(0)
+    pair = lambda i: (_sentence(rng, 3 + i % 7), _sentence(rng, 2 + i % 5))  # noqa: E731
+
+    def write(relative: str, lines: list[str], bom: bool = False) -> None:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n", encoding="utf-8")
+
+    for split, n in zip(("train", "dev", "test"), rows):
+        ids = range(n) if split != "dev" else range(1000, 1000 + n)
+        if split == "test":
+            write("CoLA/test.tsv", ["index\tsentence"] + [f"{i}\t{_sentence(rng, 4)}" for i in ids])
+            write("SST-2/test.tsv", ["index\tsentence"] + [f"{i}\t{_sentence(rng, 5)} " for i in ids])
+            write("MRPC/test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+                  + [f"{k}\t{7000 + k}\t{8000 + k}\t" + "\t".join(pair(k)) for k in range(n)])
+            write("STS-B/test.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"]
+                  + [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t" + "\t".join(pair(i)) for i in ids])
+            for task in ("RTE", "WNLI"):
+                write(f"{task}/test.tsv", ["index\tsentence1\tsentence2"] + [f"{i}\t" + "\t".join(pair(i)) for i in ids])
+            continue
+        write(f"CoLA/{split}.tsv", [f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{_sentence(rng, 3 + i % 6)}" for i in ids])
+        write(f"SST-2/{split}.tsv", ["sentence\tlabel"] + [f"{_sentence(rng, 4 + i % 5)} \t{i % 2}" for i in ids])
+        write(f"MRPC/{split}.tsv", ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+              + [f"{(i + 1) % 3 and 1 or 0}\t{100 + i}\t{500 + i}\t" + "\t".join(pair(i)) for i in ids], bom=True)
+        write(f"STS-B/{split}.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+              + [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t" + "\t".join(pair(i)) + f"\t{(i * 7) % 26 / 5:.3f}" for i in ids])
+        write(f"RTE/{split}.tsv", ["index\tsentence1\tsentence2\tlabel"]
+              + [f"{i}\t" + "\t".join(pair(i)) + f"\t{('entailment', 'not_entailment')[i % 2]}" for i in ids])
+        write(f"WNLI/{split}.tsv", ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\t" + "\t".join(pair(i)) + f"\t{i % 2}" for i in ids])
+    write("diagnostic/diagnostic.tsv", ["index\tsentence1\tsentence2"] + [f"{i}\t" + "\t".join(pair(i)) for i in range(rows[2])])
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_glue(tmp_path_factory) -> Path:
+    """Small GLUE-format files for the tests that need GLUE's layout but not its real rows."""
+    global SMALL_GLUE
+    SMALL_GLUE = write_small_glue(tmp_path_factory.mktemp("small-glue"))
+    return SMALL_GLUE
 
 
 def minilm_folder() -> Path:
@@ -369,23 +436,23 @@ def _write_tsv(path: Path, rows: list[list[str]] | str) -> Path:
 
 def test_every_glue_file_reads_to_its_official_row_count():
     """Each GLUE file on this machine reads to the official number of rows; only train/dev have labels."""
-    checked = 0
+    glue, checked = real_glue(), 0
     for name, task in GLUE.items():
         for split in task.splits:
-            if not task.path(split, GLUE_DIR).is_file():
+            if not task.path(split, glue).is_file():
                 continue
-            examples = glue_data.load_split(task, split, GLUE_DIR)
+            examples = glue_data.load_split(task, split, glue)
             assert len(examples) == glue_data.OFFICIAL_ROWS[f"{name}/{split}"], (name, split)
             assert examples.skipped == 0 and examples.note == ""
             assert (examples.labels is None) == split.startswith("test")
             assert (examples.text_b is None) == (len(task.text) == 1)
             checked += 1
     assert checked >= 21  # CoLA, SST-2, MRPC, STS-B, RTE, WNLI x3, QNLI dev/test, AX
-    cola_dev = glue_data.load_split(GLUE["CoLA"], "dev", GLUE_DIR)  # no header, no final newline
-    assert cola_dev.text_a[-1] == (GLUE_DIR / "CoLA/dev.tsv").read_text().split("\n")[-1].split("\t")[3]
-    mrpc = glue_data.load_split(GLUE["MRPC"], "train", GLUE_DIR)  # BOM before the label column's name
+    cola_dev = glue_data.load_split(GLUE["CoLA"], "dev", glue)  # no header, no final newline
+    assert cola_dev.text_a[-1] == (glue / "CoLA/dev.tsv").read_text().split("\n")[-1].split("\t")[3]
+    mrpc = glue_data.load_split(GLUE["MRPC"], "train", glue)  # BOM before the label column's name
     assert mrpc.labels[:2].tolist() == [1, 0] and mrpc.text_b[0].startswith("Referring to him")
-    assert glue_data.load_split(GLUE["STS-B"], "dev", GLUE_DIR).labels[:2].tolist() == [5.0, 4.75]
+    assert glue_data.load_split(GLUE["STS-B"], "dev", glue).labels[:2].tolist() == [5.0, 4.75]
 
 
 MNLI_COLUMNS = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
@@ -534,10 +601,10 @@ def test_task_set_json_errors_name_the_task_and_the_problem(tmp_path, change, ex
 def test_unknown_task_name_lists_the_valid_names():
     """--tasks with a typo names the unknown task and lists the valid ones; 'sst2' matches SST-2."""
     with pytest.raises(ValueError, match=r"unknown task 'SST3'.*valid names: CoLA, SST-2, MRPC"):
-        glue_data.load_task_set("glue", GLUE_DIR, ["CoLA", "SST3"])
-    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR, ["sst2", "mnli"])] == ["SST-2", "MNLI"]
-    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR)] == [n for n in GLUE if n not in ("AX", "WNLI")]
-    assert [t.name for t in glue_data.load_task_set("glue", GLUE_DIR, ["WNLI"])] == ["WNLI"]  # when named
+        glue_data.load_task_set("glue", SMALL_GLUE, ["CoLA", "SST3"])
+    assert [t.name for t in glue_data.load_task_set("glue", SMALL_GLUE, ["sst2", "mnli"])] == ["SST-2", "MNLI"]
+    assert [t.name for t in glue_data.load_task_set("glue", SMALL_GLUE)] == [n for n in GLUE if n not in ("AX", "WNLI")]
+    assert [t.name for t in glue_data.load_task_set("glue", SMALL_GLUE, ["WNLI"])] == ["WNLI"]  # when named
 
 
 def test_missing_file_names_the_path_and_the_fix(tmp_path):
@@ -547,8 +614,8 @@ def test_missing_file_names_the_path_and_the_fix(tmp_path):
         glue_data.load_split(GLUE["MNLI"], "train", tmp_path)
     assert str(expected) in str(error.value) and "download" in str(error.value).lower()
     assert "--tasks" in str(error.value)
-    missing = glue_data.missing_files([GLUE["MNLI"], GLUE["RTE"]], GLUE_DIR, ("train", "dev"))
-    assert [p.relative_to(GLUE_DIR).as_posix() for p in missing] == \
+    missing = glue_data.missing_files([GLUE["MNLI"], GLUE["RTE"]], SMALL_GLUE, ("train", "dev"))
+    assert [p.relative_to(SMALL_GLUE).as_posix() for p in missing] == \
         ["MNLI/train.tsv", "MNLI/dev_matched.tsv", "MNLI/dev_mismatched.tsv"]
 
 
@@ -580,10 +647,11 @@ def test_tokenizers_match_transformers_on_singles_and_pairs(tmp_path, minilm_tok
     """tokenizer.json and vocab.txt tokenizers give BertTokenizer's ids and type ids, truncated alike."""
     shutil.copy(minilm_folder() / "vocab.txt", tmp_path / "vocab.txt")
     from_vocab = glue_data.load_tokenizer(tmp_path)
-    rte = glue_data.load_split(GLUE["RTE"], "dev", GLUE_DIR)
+    texts = os.environ.get(GLUE_ENV) and real_glue() or SMALL_GLUE  # real sentences when they are here
+    rte = glue_data.load_split(GLUE["RTE"], "dev", texts)
     pairs_a = rte.text_a[:60] + ["Crème brûlée in 北京 [MASK] naïve", ""]
     pairs_b = rte.text_b[:60] + ["ÉCOLE  \t tabs", "only b"]
-    singles = glue_data.load_split(GLUE["CoLA"], "dev", GLUE_DIR).text_a[:60] + ["Straße, Ünïcode…"]
+    singles = glue_data.load_split(GLUE["CoLA"], "dev", texts).text_a[:60] + ["Straße, Ünïcode…"]
     oracles = (transformers.BertTokenizer(vocab=str(minilm_folder() / "vocab.txt")),
                transformers.BertTokenizer.from_pretrained(minilm_folder()))
     for ours, oracle in zip((from_vocab, minilm_tokenizer), oracles):
@@ -609,7 +677,7 @@ def test_truncation_is_longest_first_and_respects_max_length(minilm_tokenizer):
 
 def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, monkeypatch, minilm_tokenizer):
     """A second load reads the .npz without tokenizing; an edited file or another max_length tokenizes again."""
-    _write_tsv(tmp_path / "RTE/dev.tsv", (GLUE_DIR / "RTE/dev.tsv").read_text(encoding="utf-8"))
+    _write_tsv(tmp_path / "RTE/dev.tsv", (SMALL_GLUE / "RTE/dev.tsv").read_text(encoding="utf-8"))
     cache = tmp_path / "cache"
     first = glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)
     real_encode = glue_data.encode
@@ -620,7 +688,8 @@ def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, 
     second = glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)
     for name in ("ids", "type_ids", "offsets", "labels"):
         assert np.array_equal(getattr(first, name), getattr(second, name))
-    assert second.ids.dtype == np.int32 and second.labels.dtype == np.int64 and len(second) == 277
+    rows = len(glue_data.load_split(GLUE["RTE"], "dev", tmp_path))
+    assert second.ids.dtype == np.int32 and second.labels.dtype == np.int64 and len(second) == rows
     assert [p.suffix for p in cache.iterdir()] == [".npz"]  # written atomically: no .part left
     text = (tmp_path / "RTE/dev.tsv").read_text(encoding="utf-8")
     _write_tsv(tmp_path / "RTE/dev.tsv", text.rsplit("\n", 2)[0] + "\n")  # drop the last row
@@ -628,7 +697,7 @@ def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, 
         with pytest.raises(AssertionError, match="tokenized"):
             glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, max_length, cache)
     monkeypatch.setattr(glue_data, "encode", real_encode)
-    assert len(glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)) == 276
+    assert len(glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)) == rows - 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -651,7 +720,7 @@ def test_batch_order_is_deterministic_and_uses_each_index_once():
 
 def test_bucketed_batches_hold_little_padding(minilm_tokenizer):
     """On CoLA train (batch 16) padding is under 10% of the text tokens, against >100% when padding to 128."""
-    lengths = glue_data.load_encoded(GLUE["CoLA"], "train", GLUE_DIR, minilm_tokenizer).lengths
+    lengths = glue_data.load_encoded(GLUE["CoLA"], "train", real_glue(), minilm_tokenizer).lengths
     batches = glue_data.batch_order(lengths, 16, 0, 0)
     padding = sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
     assert padding / lengths.sum() < 0.10 < (128 * len(lengths) - lengths.sum()) / lengths.sum()
@@ -767,7 +836,7 @@ def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path,
     predictions = {key: rng.integers(0, GLUE[key.split("/")[0]].num_labels, glue_data.OFFICIAL_ROWS[key])
                    for key in keys}
     predictions["STS-B/test"] = rng.uniform(-1, 6, glue_data.OFFICIAL_ROWS["STS-B/test"])
-    trained = glue_data.load_task_set("glue", GLUE_DIR, ["CoLA", "SST-2", "MRPC", "STS-B", "MNLI", "QNLI", "RTE"])
+    trained = glue_data.load_task_set("glue", SMALL_GLUE, ["CoLA", "SST-2", "MRPC", "STS-B", "MNLI", "QNLI", "RTE"])
     zip_path = glue_data.write_submission(trained, predictions, tmp_path)
     names = [glue_data.SUBMISSION_FILES[key] for key in keys]
     with zipfile.ZipFile(zip_path) as archive:
@@ -828,7 +897,7 @@ def _serve_on_localhost(files: dict[str, bytes], truncated: tuple[str, ...] = ()
 def _glue_zip(folder: str) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted((GLUE_DIR / folder).iterdir()):
+        for path in sorted((SMALL_GLUE / folder).iterdir()):
             archive.write(path, f"{folder}/{path.name}")
     return buffer.getvalue()
 
@@ -836,7 +905,7 @@ def _glue_zip(folder: str) -> bytes:
 def _mrpc_sources() -> dict[str, bytes]:
     """The SentEval MSR Paraphrase files and dev ids that the shared MRPC files were built from."""
     def rows(split: str) -> list[str]:
-        return (GLUE_DIR / f"MRPC/{split}.tsv").read_text(encoding="utf-8").split("\n")[:-1]
+        return (SMALL_GLUE / f"MRPC/{split}.tsv").read_text(encoding="utf-8").split("\n")[:-1]
     train, dev, test = rows("train"), rows("dev"), rows("test")
     senteval_test = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
     senteval_test += ["1\t" + row.split("\t", 1)[1] for row in test[1:]]  # the label back in place of the index
@@ -845,20 +914,38 @@ def _mrpc_sources() -> dict[str, bytes]:
             "/glue/data/mrpc_dev_ids.tsv": "".join("\t".join(r.split("\t")[1:3]) + "\n" for r in dev[1:]).encode()}
 
 
+def _sha256_of(files: dict[str, bytes]) -> dict[str, str]:
+    """The checksums download_glue checks, for files the test serves itself."""
+    return {path.lstrip("/"): hashlib.sha256(body).hexdigest() for path, body in files.items()}
+
+
 def test_download_fetches_archives_builds_mrpc_and_skips_present_tasks(tmp_path, monkeypatch, capsys):
     """From a local server: CoLA unzips, MRPC is rebuilt byte for byte, AX lands in diagnostic/."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     files = {"/glue/data/CoLA.zip": _glue_zip("CoLA"),
-             "/glue/data/AX.tsv": (GLUE_DIR / "diagnostic/diagnostic.tsv").read_bytes()}
-    with _serve_on_localhost(files | _mrpc_sources()) as base_url:
-        glue_data.download_glue(tmp_path / "glue", ["CoLA", "MRPC", "AX"], base_url=base_url)
+             "/glue/data/AX.tsv": (SMALL_GLUE / "diagnostic/diagnostic.tsv").read_bytes()} | _mrpc_sources()
+    with _serve_on_localhost(files) as base_url:
+        glue_data.download_glue(tmp_path / "glue", ["CoLA", "MRPC", "AX"], base_url=base_url,
+                                checksums=_sha256_of(files))
         for relative in ["CoLA/train.tsv", "CoLA/dev.tsv", "CoLA/test.tsv", "MRPC/train.tsv", "MRPC/dev.tsv",
                          "MRPC/test.tsv", "diagnostic/diagnostic.tsv"]:
-            assert (tmp_path / "glue" / relative).read_bytes() == (GLUE_DIR / relative).read_bytes(), relative
+            assert (tmp_path / "glue" / relative).read_bytes() == (SMALL_GLUE / relative).read_bytes(), relative
         assert sorted(p.name for p in (tmp_path / "glue").iterdir()) == ["CoLA", "MRPC", "diagnostic"]
         assert "downloading" in capsys.readouterr().out
         glue_data.download_glue(tmp_path / "glue", ["CoLA"], base_url=base_url)
     assert "CoLA: already in" in capsys.readouterr().out
+
+
+def test_download_refuses_a_file_that_is_not_the_published_one(tmp_path, monkeypatch):
+    """The default checksums are the published sha256s: any other archive (here a rezipped CoLA) is refused,
+    nothing is installed, and the data folder the call created is gone again."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert glue_data.GLUE_SHA256["glue/data/CoLA.zip"] == \
+        "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff"  # REFERENCE.md, Transformers.jl
+    with _serve_on_localhost({"/glue/data/CoLA.zip": _glue_zip("CoLA")}) as base_url:
+        with pytest.raises(OSError, match="not the published f212fcd8"):
+            glue_data.download_glue(tmp_path / "glue", ["CoLA"], base_url=base_url)
+    assert not (tmp_path / "glue").exists()
 
 
 @pytest.mark.parametrize("failure", ["truncated", "missing", "not a zip"])
@@ -870,14 +957,12 @@ def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch, failure)
     truncated = ("/glue/data/RTE.zip",) if failure == "truncated" else ()
     with _serve_on_localhost(files, truncated) as base_url:
         with pytest.raises(OSError, match="RTE.zip"):
-            glue_data.download_glue(tmp_path / "glue", ["RTE"], base_url=base_url)
-    assert list((tmp_path / "glue").iterdir()) == []
+            glue_data.download_glue(tmp_path / "glue", ["RTE"], base_url=base_url,
+                                    checksums=_sha256_of({"/glue/data/RTE.zip": body}))
+    assert not (tmp_path / "glue").exists()  # the folder the download created is removed again
 
 
 # == scheduler.py: Eq. (3)-(7) worked by hand, frequencies, state, errors ==========================
-
-# This file lives in parts/ now and at the repository root once merged into test_mtop.py, so the root is
-# found as the first folder above it that holds scheduler.py.
 
 HAND_SIZES = {"a": 400, "b": 100, "c": 25}
 
@@ -1519,7 +1604,7 @@ def token_cache(tmp_path_factory) -> Path:
 
 
 def run_args(tiny_model, token_cache, out, *extra) -> list[str]:
-    return ["--data-dir", str(GLUE_DIR), "--model", str(tiny_model), "--cache-dir", str(token_cache),
+    return ["--data-dir", str(SMALL_GLUE), "--model", str(tiny_model), "--cache-dir", str(token_cache),
             "--output-dir", str(out), "--max-length", "64", "--lr", "1e-2", "--log-every", "10",
             "--probe-size", "200", *extra]
 
@@ -1542,7 +1627,7 @@ def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
     """Training on real RTE/MRPC/STS-B lowers the loss, writes metrics and leaderboard files, and the
     best checkpoint reloads to the exact dev metrics it was saved with."""
     out, names = tmp_path / "run", ["RTE", "MRPC", "STS-B"]
-    args = run_args(tiny_model, token_cache, out, "--tasks", ",".join(names), "--max-steps", "40",
+    args = run_args(tiny_model, token_cache, out, "--data-dir", str(real_glue()), "--tasks", ",".join(names), "--max-steps", "40",
                     "--interval", "10", "--eval-every", "20")
     train.main(args + ["--stop-after", "1"])  # leaves the model after one step in the checkpoint
     after_one = train.load_checkpoint(out / train.CHECKPOINT)["model"]
@@ -1550,7 +1635,7 @@ def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
     after_all = train.load_checkpoint(out / train.CHECKPOINT)["model"]
 
     model, metadata = mtop.MTOP.load(out / "best")
-    tasks = glue_data.load_task_set("glue", GLUE_DIR, names)
+    tasks = glue_data.load_task_set("glue", real_glue(), names)
     data = train.load_data(train.parse_args(args), tasks, glue_data.load_tokenizer(out / "best"), rank=1)
     losses = []
     for state in (after_one, after_all):
@@ -1605,7 +1690,7 @@ def test_custom_task_set_trains_and_predicts_its_test_file(tiny_model, token_cac
     out = tmp_path / "run"
     train.main(run_args(tiny_model, token_cache, out, "--task-set", str(task_set), "--max-steps", "6",
                         "--interval", "3", "--batch-size", "2"))
-    with zipfile.ZipFile(out / "submission" / "glue_submission.zip") as z:
+    with zipfile.ZipFile(out / "submission" / "test_predictions.zip") as z:
         assert z.namelist() == ["topic.tsv"]  # sentiment has no test file
         assert z.read("topic.tsv").decode().splitlines()[0] == "index\tprediction"
         assert z.read("topic.tsv").decode().splitlines()[1].split("\t")[1] in ("world", "sports")
@@ -1617,11 +1702,12 @@ def test_heldout_probe_rows_are_left_out_of_training(tiny_model, token_cache):
     """--probe-on heldout probes on a seeded slice of train that training never sees (section 4.6)."""
     args = train.parse_args(run_args(tiny_model, token_cache, "unused", "--probe-on", "heldout",
                                      "--probe-size", "100"))
-    tasks = glue_data.load_task_set("glue", GLUE_DIR, ["RTE", "STS-B"])
+    tasks = glue_data.load_task_set("glue", SMALL_GLUE, ["RTE", "STS-B"])
     data = train.load_data(args, tasks, glue_data.load_tokenizer(tiny_model), rank=1)
-    for name, rows in (("RTE", 2490), ("STS-B", 5749)):
+    for task in tasks:
+        name, rows = task.name, len(glue_data.load_split(task, "train", SMALL_GLUE))
         encoded, probe = data[name]["probe"]
-        assert encoded is data[name]["train"] and len(probe) == 100
+        assert encoded is data[name]["train"] and len(probe) == min(rows // 10, 100) > 0
         assert not set(probe) & set(data[name]["train_idx"])
         assert len(probe) + len(data[name]["train_idx"]) == rows
 
@@ -1641,7 +1727,7 @@ def test_missing_glue_files_stop_before_training(tiny_model, token_cache, tmp_pa
     with pytest.raises(SystemExit) as stop:
         train.main(run_args(tiny_model, token_cache, tmp_path / "run"))
     message = str(stop.value)
-    assert "MNLI" in message and "QQP" in message and str(GLUE_DIR / "QNLI" / "train.tsv") in message
+    assert "MNLI" in message and "QQP" in message and str(SMALL_GLUE / "QNLI" / "train.tsv") in message
     assert "--tasks" in message and "download" in message
     assert not (tmp_path / "run").exists()
 
@@ -1651,8 +1737,8 @@ def test_predict_corpus_gives_every_task_from_one_pass(tiny_model, token_cache, 
     out = tmp_path / "run"
     train.main(run_args(tiny_model, token_cache, out, "--tasks", "SST-2,CoLA,STS-B", "--max-steps", "10",
                         "--interval", "5", "--no-test"))
-    sentences = glue_data.load_split(glue_data.GLUE_TASKS["SST-2"], "dev", GLUE_DIR).text_a
-    sentences = (sentences * 4)[:3000]
+    sentences = glue_data.load_split(glue_data.GLUE_TASKS["SST-2"], "dev", SMALL_GLUE).text_a
+    sentences = (sentences * 200)[:3000]
     corpus = tmp_path / "corpus.tsv"
     corpus.write_text("text\n" + "\n".join(s.strip() for s in sentences) + "\n")
     written = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best")])
@@ -1758,7 +1844,7 @@ def test_resume_drops_a_log_line_cut_off_by_a_crash(tiny_model, token_cache, tmp
 def test_resume_refuses_changed_training_data(tiny_model, token_cache, tmp_path):
     """--resume after the training file changed names the task whose data changed."""
     data = tmp_path / "glue"
-    shutil.copytree(GLUE_DIR / "RTE", data / "RTE")
+    shutil.copytree(SMALL_GLUE / "RTE", data / "RTE")
     out = tmp_path / "run"
     common = ["--data-dir", str(data), "--tasks", "RTE", "--max-steps", "4", "--sampler", "uniform", "--no-test"]
     train.main(run_args(tiny_model, token_cache, out, *common, "--stop-after", "2"))
@@ -1831,3 +1917,364 @@ def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, to
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "two.jsonl").read_text() == single.read_text()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no parts left
+
+
+# -- bad input: every broken input gets one message that names it, a non-zero exit, no traceback --------
+
+def _world(root: Path, tiny_model: Path) -> dict:
+    """A small valid run: a custom task set (a pair task and a regression task on one file, with a test
+    file), a copy of the tiny model folder, and the flags that train on them."""
+    rows = [["premise", "hypothesis", "label", "score"]] + [
+        [f"sentence {i} about cats", f"claim {i} on dogs", ["yes", "no"][i % 2], f"{i % 5}.5"] for i in range(12)]
+    for split in ("train", "dev"):
+        _write_tsv(root / f"data/{split}.tsv", rows)
+    _write_tsv(root / "data/test.tsv", [["premise", "hypothesis"], ["a cat", "a dog"]])
+    spec = {"tasks": [
+        {"name": "nli", "train": "data/train.tsv", "dev": "data/dev.tsv", "test": "data/test.tsv",
+         "text": ["premise", "hypothesis"], "label": "label", "type": "classification"},
+        {"name": "sim", "train": "data/train.tsv", "dev": "data/dev.tsv", "text": ["premise", "hypothesis"],
+         "label": "score", "type": "regression"}]}
+    (root / "tasks.json").write_text(json.dumps(spec))
+    shutil.copytree(tiny_model, root / "model")
+    flags = ["--task-set", str(root / "tasks.json"), "--model", str(root / "model"), "--output-dir",
+             str(root / "run"), "--cache-dir", str(root / "cache"), "--max-steps", "2", "--batch-size", "4",
+             "--sampler", "uniform", "--no-test", "--max-length", "32"]
+    return {"root": root, "spec": spec, "flags": flags}
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _bad_flag(flag: str, value: str):
+    return lambda w: (w["flags"] + [flag, value], flag)
+
+
+def _task_change(change, expected: str):
+    def case(w):
+        _edit_json(w["root"] / "tasks.json", lambda spec: change(spec["tasks"]))
+        return w["flags"], expected
+    return case
+
+
+def _file_change(relative: str, content: bytes | str, expected: str):
+    def case(w):
+        path = w["root"] / relative
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return w["flags"], expected.format(path=path)
+    return case
+
+
+def _model_change(change, expected: str):
+    def case(w):
+        change(w["root"] / "model")
+        return w["flags"], expected
+    return case
+
+
+def _predict(corpus: str | bytes | None, expected: str, extra=(), trained=True, edit=None):
+    def case(w):
+        path = w["root"] / ("corpus.tsv" if corpus is not None else "missing.tsv")
+        if corpus is not None:
+            path.write_bytes(corpus if isinstance(corpus, bytes) else corpus.encode())
+        best = w["root"] / "best"
+        if trained:
+            shutil.copytree(w["trained"], best)
+        if edit:
+            edit(best)
+        return ["--predict", str(path), "--checkpoint", str(best), *extra], expected.format(path=path, best=best)
+    return case
+
+
+_HEADER = "premise\thypothesis\tlabel\tscore\n"
+BAD_INPUTS = {
+    # flags (argparse stops with exit status 2 and names the flag)
+    **{f"flag {f} {v}": _bad_flag(f, v) for f, v in [
+        ("--batch-size", "0"), ("--batch-size", "-3"), ("--lr", "0"), ("--lr", "-1e-5"), ("--lr", "nan"),
+        ("--lr", "inf"), ("--warmup", "1"), ("--warmup", "-0.1"), ("--interval", "0"), ("--epochs", "0"),
+        ("--max-length", "0"), ("--gamma", "nan"), ("--c", "inf"), ("--max-grad-norm", "-1"),
+        ("--max-grad-norm", "nan"), ("--weight-decay", "inf"), ("--probe-size", "-1"), ("--save-every", "0"),
+        ("--log-every", "0"), ("--task-prompt-len", "0"), ("--shared-prompt-len", "-1"), ("--temperature", "nan"),
+        ("--mode", "prefix"), ("--sampler", "greedy"), ("--dtype", "fp16"), ("--prompt-entry", "middle"),
+        ("--prompt-init", "zeros"), ("--predict-chunk", "0"), ("--max-train-examples", "-1"), ("--lr", "abc")]},
+    "flag --max-length too short for a pair": lambda w: (w["flags"] + ["--max-length", "4"], "--max-length 4"),
+    "flag --max-length beyond the positions": lambda w: (w["flags"] + ["--max-length", "1000"], "--max-length 1000"),
+    "flag --device cuda without CUDA": lambda w: (w["flags"] + ["--device", "cuda"], "--device cuda"),
+    "flag --output-dir is a file": lambda w: ((w["root"] / "afile").write_text("x") and
+                                              w["flags"] + ["--output-dir", str(w["root"] / "afile")], "afile"),
+    "flag --resume without a checkpoint": lambda w: (w["flags"] + ["--resume"], "--resume: no checkpoint"),
+    "flag --tasks unknown": lambda w: (w["flags"] + ["--tasks", "nli,nope"], "'nope'"),
+    "flag --task-set missing": lambda w: (w["flags"] + ["--task-set", str(w["root"] / "none.json")], "none.json"),
+    # the task set
+    "task set not JSON": _file_change("tasks.json", "{tasks: [", "tasks.json: not a valid JSON"),
+    "task set not an object": _file_change("tasks.json", "[1, 2]", "tasks.json: expected"),
+    "task set no tasks": _file_change("tasks.json", '{"tasks": []}', "tasks.json: expected"),
+    "task missing field": _task_change(lambda t: t[0].pop("label"), "missing field ['label']"),
+    "task unknown key": _task_change(lambda t: t[0].update(lable="x"), "unknown key ['lable']"),
+    "task bad type": _task_change(lambda t: t[0].update(type="ranking"), "'type' must be"),
+    "task bad metric": _task_change(lambda t: t[0].update(metric="bleu"), "metric ['bleu']"),
+    "task regression metric on classes": _task_change(lambda t: t[0].update(metric="pearson"), "metric ['pearson']"),
+    "task three texts": _task_change(lambda t: t[0].update(text=["a", "b", "c"]), "'text' must be"),
+    "task text is the label": _task_change(lambda t: t[0].update(label="premise"), "the columns must differ"),
+    "task name with a slash": _task_change(lambda t: t[0].update(name="a/b"), "'name' must be"),
+    "task name empty": _task_change(lambda t: t[0].update(name=""), "'name' must be"),
+    "task duplicate names": _task_change(lambda t: t[1].update(name="NLI"), "must be unique"),
+    "task labels on regression": _task_change(lambda t: t[1].update(labels=["a", "b"]), "'labels' is only"),
+    "task one label": _task_change(lambda t: t[0].update(labels=["yes"]), "'labels' must be"),
+    "task label not in labels": _task_change(lambda t: t[0].update(labels=["yes", "maybe"]), "label 'no' is not one of"),
+    "task missing train file": _task_change(lambda t: t[0].update(train="data/nothere.tsv"), "nothere.tsv"),
+    "task text column absent": _task_change(lambda t: t[0].update(text=["premise", "hypo"]), "no column 'hypo'"),
+    "task label column absent": _task_change(lambda t: t[1].update(label="scores"), "no column 'scores'"),
+    # the files of every split
+    "train row with a missing column": _file_change("data/train.tsv", _HEADER + "a\tb\tyes\n", "{path}, line 2"),
+    "dev row with an extra column": _file_change("data/dev.tsv", _HEADER + "a\tb\tyes\t1\tx\n", "{path}, line 2"),
+    "dev header only": _file_change("data/dev.tsv", _HEADER, "{path}: no examples"),
+    "train empty file": _file_change("data/train.tsv", "", "{path}: the file is empty"),
+    "train not UTF-8": _file_change("data/train.tsv", _HEADER.encode() + b"caf\xe9\tb\tyes\t1\n", "{path}, line 2"),
+    "dev bad regression target": _file_change("data/dev.tsv", _HEADER + "a\tb\tyes\tlots\n", "'lots' is not a number"),
+    "dev unknown class": _file_change("data/dev.tsv", _HEADER + "a\tb\tmaybe\t1\n", "label 'maybe'"),
+    "test lacks a text column": _file_change("data/test.tsv", "premise\nа cat\n", "{path}: no column 'hypothesis'"),
+    "test not UTF-8": _file_change("data/test.tsv", b"premise\thypothesis\n\xff\xfe\tb\n", "{path}, line 2"),
+    "test header only": _file_change("data/test.tsv", "premise\thypothesis\n", "{path}: no examples"),
+    # the model folder
+    "model folder missing": lambda w: (w["flags"] + ["--model", str(w["root"] / "nomodel")], "nomodel"),
+    "model without config.json": _model_change(lambda m: (m / "config.json").unlink(), "config.json"),
+    "model config not JSON": _model_change(lambda m: (m / "config.json").write_text("{"), "not valid JSON"),
+    "model config of another type": _model_change(
+        lambda m: _edit_json(m / "config.json", lambda c: c.update(model_type="gpt2")), "model_type 'gpt2'"),
+    "model config bad activation": _model_change(
+        lambda m: _edit_json(m / "config.json", lambda c: c.update(hidden_act="relu")), "hidden_act 'relu'"),
+    "model weights missing": _model_change(lambda m: (m / "model.safetensors").unlink(), "model.safetensors"),
+    "model weights truncated": _model_change(
+        lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:1000]), "truncated"),
+    "model weights of another shape": _model_change(
+        lambda m: _edit_json(m / "config.json", lambda c: c.update(intermediate_size=96)), "wrong shapes"),
+    "model without a vocabulary": _model_change(lambda m: (m / "vocab.txt").unlink(), "neither tokenizer.json"),
+    "model vocabulary without [CLS]": _model_change(
+        lambda m: (m / "vocab.txt").write_text("[PAD]\nthe\n"), "no [CLS]"),
+    "model vocabulary larger than the table": _model_change(
+        lambda m: (m / "vocab.txt").write_text((m / "vocab.txt").read_text() + "extra1\nextra2\n"), "30524 tokens"),
+    "model vocabulary much smaller": _model_change(
+        lambda m: (m / "vocab.txt").write_text("\n".join((m / "vocab.txt").read_text().split("\n")[:1000])), "1000 tokens"),
+    # run state
+    "run pickled checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.pt").write_bytes(b"x")
+                                         and w["flags"], "pickle file"),
+    "run damaged checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.safetensors")
+                                         .write_bytes(b"\x00" * 64) and w["flags"] + ["--resume"], "is damaged"),
+    "run another run's checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.safetensors")
+                                               .write_bytes(b"\x00") and w["flags"], "exists: continue that run"),
+    # corpus labelling
+    "predict corpus missing": _predict(None, "no such file {path}", trained=False),
+    "predict checkpoint missing": _predict("text\nA\n", "no such folder", trained=False),
+    "predict output is the input": lambda w: _predict("text\nA\n", "--predict-output {path} is the input file",
+                                                      extra=("--predict-output", str(w["root"] / "corpus.tsv")))(w),
+    "predict output folder missing": lambda w: _predict("text\nA\n", "does not exist",
+                                                        extra=("--predict-output", str(w["root"] / "no/out.jsonl")))(w),
+    "predict corpus not UTF-8": _predict(b"text\n\xff\xfe\n", "not UTF-8"),
+    "predict corpus empty": _predict("", "{path}: empty"),
+    "predict corpus column absent": _predict("title\nA\n", "{path}:1: no column 'text'", extra=("--text-columns", "text")),
+    "predict corpus row too long": _predict("text\nA\tB\n", "{path}:2: 2 columns"),
+    "predict jsonl broken line": lambda w: _jsonl_case(w),
+    "predict mtop.json without fields": _predict("text\nA\n", "missing field", edit=lambda b: _edit_json(
+        b / "mtop.json", lambda s: s.pop("tasks"))),
+    "predict mtop.json not JSON": _predict("text\nA\n", "not valid JSON", edit=lambda b: (b / "mtop.json").write_text("{")),
+    "predict weights missing": _predict("text\nA\n", "no weights file", edit=lambda b: (b / "model.safetensors").unlink()),
+}
+
+
+def _jsonl_case(w):
+    path = w["root"] / "corpus.jsonl"
+    path.write_text('{"text": "a"}\n{"text": \n')
+    shutil.copytree(w["trained"], w["root"] / "best")
+    return ["--predict", str(path), "--checkpoint", str(w["root"] / "best")], "corpus.jsonl:2: not a JSON object"
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tiny_model, tmp_path_factory) -> Path:
+    """A best/ folder trained for two steps on the small task set, for the labelling cases."""
+    root = tmp_path_factory.mktemp("trained")
+    world = _world(root, tiny_model)
+    train.main(world["flags"])
+    return root / "run" / "best"
+
+
+def test_bad_input_suite_is_large_enough():
+    """The suite below covers at least 60 distinct broken inputs."""
+    print(f"bad-input suite: {len(BAD_INPUTS)} broken inputs")
+    assert len(BAD_INPUTS) >= 60
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_gets_one_clear_message(name, tiny_model, trained_folder, tmp_path, capsys):
+    """train.py stops with a non-zero exit and one message naming the file, line, key or flag, with no
+    traceback (nothing but SystemExit escapes), and changes no input file."""
+    world = _world(tmp_path, tiny_model) | {"trained": trained_folder}
+    argv, expected = BAD_INPUTS[name](world)
+    inputs = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts
+              and "cache" not in p.parts}
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    code = stop.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().err
+    assert code not in (0, None), name
+    assert isinstance(code, int) or message.startswith("error:"), message
+    assert expected in message, (name, message)
+    assert "Traceback" not in message
+    for path, before in inputs.items():
+        assert path.read_bytes() == before, f"{name} changed {path}"
+
+
+# -- property-based: random bytes and rows get a clean result or the project's own error --------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_CELLS = st.one_of(st.text(alphabet=list("ab ,\t\"'\\n\r\x00é€"), max_size=12), st.sampled_from(["yes", "no", "1.5", "nan", ""]))
+_ROWS = st.lists(st.lists(_CELLS, min_size=0, max_size=5), max_size=8)
+_PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _custom_task(folder: Path, suffix: str, kind: str = "classification") -> glue_data.Task:
+    return glue_data.Task("t", kind, ("yes", "no") if kind == "classification" else None,
+                          ("accuracy",) if kind == "classification" else ("pearson",),
+                          (("train", str(folder / f"train{suffix}")),), ("a", "b"), "label")
+
+
+@_PROPERTY
+@given(content=st.one_of(st.binary(max_size=200), _ROWS.map(
+    lambda rows: "\n".join("\t".join(r) for r in [["a", "b", "label"]] + rows).encode())),
+       suffix=st.sampled_from([".tsv", ".csv"]), kind=st.sampled_from(["classification", "regression"]))
+def test_table_reader_gives_rows_or_a_clear_error(content, suffix, kind):
+    """load_split on any bytes (and on random rows under a valid header) returns examples whose fields
+    line up, or raises ValueError naming the file: never another exception."""
+    with tempfile.TemporaryDirectory() as folder:
+        task = _custom_task(Path(folder), suffix, kind)
+        (Path(folder) / f"train{suffix}").write_bytes(content)
+        try:
+            examples = glue_data.load_split(task, "train", folder)
+        except ValueError as err:
+            assert f"train{suffix}" in str(err)
+            return
+        assert len(examples.text_a) == len(examples.text_b) == len(examples.labels)
+        if kind == "regression":
+            assert np.isfinite(examples.labels).all()
+
+
+_JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=12)
+_TASK_KEYS = st.sampled_from(["name", "train", "dev", "test", "text", "label", "type", "labels", "metric",
+                              "missing", "other"])
+
+
+@_PROPERTY
+@given(tasks=st.lists(st.dictionaries(_TASK_KEYS, _JSON_VALUES | st.sampled_from(
+    ["train.tsv", "classification", "regression", "a", ["a", "b"], "label"]), max_size=10), max_size=3),
+       raw=st.one_of(st.none(), st.binary(max_size=60)))
+def test_task_set_loader_gives_tasks_or_a_clear_error(tasks, raw):
+    """load_task_set on random task entries (or random bytes) gives tasks or a ValueError/FileNotFoundError
+    naming the JSON file: never another exception."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "train.tsv").write_text("a\tb\tlabel\nx\ty\tyes\nz\tw\tno\n")
+        path = Path(folder) / "tasks.json"
+        path.write_bytes(raw if raw is not None else json.dumps({"tasks": tasks}).encode())
+        try:
+            loaded = glue_data.load_task_set(str(path), folder)
+        except (ValueError, FileNotFoundError) as err:
+            assert "tasks.json" in str(err) or "train.tsv" in str(err) or "no such" in str(err).lower()
+            return
+        assert all(isinstance(t, glue_data.Task) for t in loaded)
+
+
+@_PROPERTY
+@given(content=st.one_of(st.binary(max_size=200), _ROWS.map(
+    lambda rows: "\n".join("\t".join(r) for r in [["text"]] + rows).encode())),
+       suffix=st.sampled_from([".tsv", ".jsonl"]), columns=st.sampled_from([[], ["text"], ["text", "b"]]))
+def test_corpus_reader_gives_rows_or_a_clear_error(content, suffix, columns):
+    """read_corpus on any bytes yields (line, text, text or None) with strings, or stops with one 'error:'
+    message naming the corpus: never another exception."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"corpus{suffix}"
+        path.write_bytes(content)
+        try:
+            rows = list(train.read_corpus(path, columns))
+        except SystemExit as stop:
+            assert str(stop.code).startswith("error:") and "corpus" in str(stop.code)
+            return
+        for number, text_a, text_b in rows:
+            assert isinstance(number, int) and isinstance(text_a, str) and (text_b is None or isinstance(text_b, str))
+
+
+# -- faults: a kill in the middle of writing leaves the last complete state --------------------------------
+
+_DIE_DURING = '''
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+calls = 0
+
+def dying(*args, **kwargs):  # the {which} call starts writing, then the process is killed
+    global calls
+    calls += 1
+    if calls == {which}:
+        {half_write}
+        os._exit(9)
+    return real(*args, **kwargs)
+
+real = {target}
+{target} = dying
+train.main(sys.argv[1:])
+'''
+
+
+def _run_dying(target: str, which: int, half_write: str, argv: list[str]) -> subprocess.CompletedProcess:
+    code = _DIE_DURING.format(root=str(ROOT), target=target, which=which, half_write=half_write)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _run_plain(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_kill_during_a_checkpoint_write_then_resume_matches_an_unbroken_run(tiny_model, tmp_path):
+    """A process killed halfway through writing its second checkpoint leaves the first one whole; --resume
+    from it ends with weights bitwise equal to a run that was never interrupted."""
+    world = _world(tmp_path / "w", tiny_model)
+    flags = [f for f in world["flags"]]
+    flags[flags.index("--max-steps") + 1] = "12"
+    unbroken = flags + ["--output-dir", str(tmp_path / "unbroken"), "--save-every", "4"]
+    broken = flags + ["--output-dir", str(tmp_path / "broken"), "--save-every", "4"]
+    _run_plain(unbroken)
+    died = _run_dying("train.save_file", 2, "open(args[1], 'wb').write(b'\\\\0' * 4096)", broken)
+    assert died.returncode == 9, died.stderr[-2000:]
+    assert train.load_checkpoint(tmp_path / "broken" / train.CHECKPOINT)["step"] == 4  # the last whole one
+    _run_plain(broken + ["--resume"])
+    a = train.load_checkpoint(tmp_path / "unbroken" / train.CHECKPOINT)
+    b = train.load_checkpoint(tmp_path / "broken" / train.CHECKPOINT)
+    assert a["step"] == b["step"] == 12 and a["history"] == b["history"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_kill_during_predict_leaves_the_previous_output_whole(tiny_model, trained_folder, tmp_path):
+    """A --predict killed after its first chunk leaves no file under the output's name (or the previous
+    one, untouched); the next run writes the complete output."""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("text\n" + "".join(f"text number {i}\n" for i in range(50)))
+    target = tmp_path / "out.jsonl"
+    argv = ["--predict", str(corpus), "--checkpoint", str(trained_folder), "--predict-output", str(target),
+            "--predict-chunk", "10"]
+    died = _run_dying("train.Labeller.__call__", 3, "pass", argv)
+    assert died.returncode == 9 and not target.exists()
+    _run_plain(argv)
+    whole = target.read_text()
+    assert len(whole.splitlines()) == 50
+    died = _run_dying("train.Labeller.__call__", 3, "pass", argv)
+    assert died.returncode == 9 and target.read_text() == whole

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 import glue_data
 import scheduler
-from electra import DEFAULT_CACHE, Electra, atomic_write, resolve_pretrained
+from electra import DEFAULT_CACHE, Electra, ElectraConfig, atomic_write, resolve_pretrained
 from mtop import MODES, MTOP, PROMPT_ENTRIES, PROMPT_INITS
 
 
@@ -445,9 +445,50 @@ def check_finite(model: MTOP) -> None:
         raise NonFiniteError(f"non-finite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
+def check_flags(args, device: str) -> None:
+    """The flags that name things on this machine, before anything is read or downloaded."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}, but torch sees no CUDA device here (a CPU-only build of "
+                         "torch, or no GPU): use --device cpu")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --output-dir {out} is a file, not a folder; give a folder")
+
+
+def check_data(tasks: list[glue_data.Task], args) -> None:
+    """Every split of every task, test files included, is read once before the first step: a broken file
+    is found now, not after hours of training."""
+    for task in tasks:
+        for split in task.splits:
+            if split.startswith("test") and not task.path(split, args.data_dir).is_file():
+                continue  # left out of the test predictions, with a note at the end
+            examples = glue_data.load_split(task, split, args.data_dir)
+            if not examples.text_a:
+                raise ValueError(f"{examples.path}: no examples (only a header?); task {task.name} needs "
+                                 f"rows in its {split} file")
+        if args.max_length < 3 + 2 * (len(task.text) - 1):
+            raise ValueError(f"--max-length {args.max_length} leaves no room for the text of {task.name}: "
+                             f"[CLS] and [SEP] take {1 + len(task.text)} of them")
+
+
+def check_model(model_folder: Path, tokenizer, config, args) -> None:
+    """The vocabulary must be the model's own: ids beyond the embedding table would fail deep inside
+    torch, and a much smaller vocabulary is a sign of the wrong tokenizer files."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size or size < 0.95 * config.vocab_size:
+        raise ValueError(f"{model_folder}: the vocabulary has {size} tokens but the model's embedding table "
+                         f"has {config.vocab_size} rows (config.json); give the model folder with its own "
+                         "vocab.txt or tokenizer.json")
+    if args.max_length > config.max_position_embeddings:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+
+
 def set_up(args, rank: int, world: int, device: str):
     """Tasks, data files (downloaded into a fresh --data-dir), the model folder, the tokenized data and the
-    model: (tasks, data, model, model_folder). Bad input ends the run with one message."""
+    model: (tasks, data, model, model_folder). Every input is checked before the work starts; bad input
+    ends the run with one message."""
+    check_flags(args, device)
     with user_errors():
         names = [n for n in args.tasks.split(",") if n] or None
         tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
@@ -455,29 +496,35 @@ def set_up(args, rank: int, world: int, device: str):
         glue_files = [t.path(split, args.data_dir) for t in glue_data.GLUE_TASKS.values() for split in t.splits]
         if rank == 0 and args.task_set == "glue" and not any(p.is_file() for p in glue_files):
             names = [t.name for t in tasks] + (["AX"] if any(t.name == "MNLI" for t in tasks) else [])
-            glue_data.download_glue(args.data_dir, names)  # no GLUE file there: fetch it
+            try:
+                glue_data.download_glue(args.data_dir, names)  # no GLUE file there: fetch it
+            except OSError as err:
+                raise SystemExit(f"error: {err}\nFix: without network, put the GLUE task folders (CoLA/, SST-2/, "
+                                 "...) in a folder and pass it with --data-dir") from None
         if world > 1:
             dist.barrier()  # the other ranks read what rank 0 downloaded
         missing = glue_data.missing_files(tasks, args.data_dir, splits=("train", "dev"))
         if missing:
             have = [t.name for t in tasks if not glue_data.missing_files([t], args.data_dir, ("train", "dev"))]
-            raise SystemExit("missing data files:\n  " + "\n  ".join(map(str, missing)) +
+            raise SystemExit("error: missing data files:\n  " + "\n  ".join(map(str, missing)) +
                              "\nFix: a --data-dir without GLUE files (e.g. a new folder) gets GLUE downloaded, "
                              "or train on the tasks you have"
                              + (f" with --tasks {','.join(have)}" if have else " (--tasks)") + ".")
+        check_data(tasks, args)
         if rank == 0:
-            resolve_pretrained(args.model, cache_dir=cache_dir)  # downloads once; the other ranks wait
+            try:
+                resolve_pretrained(args.model, cache_dir=cache_dir)  # downloads once; the other ranks wait
+            except OSError as err:
+                raise SystemExit(f"error: {err}\nFix: pass a local model folder (config.json, model.safetensors, "
+                                 "vocab.txt or tokenizer.json) with --model") from None
         if world > 1:
             dist.barrier()
         model_dir = resolve_pretrained(args.model, cache_dir=cache_dir)  # a folder, or a .safetensors file in one
         model_folder = model_dir if model_dir.is_dir() else model_dir.parent
         tokenizer = glue_data.load_tokenizer(model_folder)
+        check_model(model_folder, tokenizer, ElectraConfig.from_json(model_folder / "config.json"), args)
         data = load_data(args, tasks, tokenizer, rank)
-
         encoder = Electra.from_pretrained(model_dir)
-        if args.max_length > encoder.config.max_position_embeddings:
-            raise ValueError(f"--max-length {args.max_length} exceeds the model's "
-                             f"max_position_embeddings={encoder.config.max_position_embeddings}")
         model = MTOP(encoder, [(t.name, t.num_labels) for t in tasks], args.task_prompt_len,
                      args.shared_prompt_len, args.mode, args.freeze_encoder, args.prompt_entry,
                      args.prompt_init).to(device)
@@ -541,7 +588,7 @@ def restore(path: Path, args, world: int, rank: int, device: str, parts: dict, f
     changed += [f"the training data of {name} changed" for name, digest in fingerprint.items()
                 if state.get("data", {}).get(name) != digest]
     if changed:
-        raise SystemExit(f"--resume: {path} was written with other settings: {'; '.join(changed)}. "
+        raise SystemExit(f"error: --resume: {path} was written with other settings: {'; '.join(changed)}. "
                          "Resume with the same ones, or start a new run in another --output-dir.")
     parts["model"].load_state_dict(state["model"])
     optimizer_state = state["optimizer"]
@@ -578,11 +625,11 @@ def train(args: argparse.Namespace) -> dict:
     run = {"step": 0, "best": {"average": -math.inf, "step": 0}, "history": []}
     checkpoint_path = out / CHECKPOINT
     if (out / LEGACY_CHECKPOINT).exists():
-        raise SystemExit(f"{out / LEGACY_CHECKPOINT} is a checkpoint of an earlier train.py, a pickle file. It is not "
+        raise SystemExit(f"error: {out / LEGACY_CHECKPOINT} is a checkpoint of an earlier train.py, a pickle file. It is not "
                          "loaded: unpickling a file can run any code in it. Start a new run in another --output-dir.")
     if args.resume:
         if not checkpoint_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path} (start without --resume)")
+            raise SystemExit(f"error: --resume: no checkpoint at {checkpoint_path} (start without --resume)")
         parts = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "sampler": sampler,
                  "streams": streams}
         run = restore(checkpoint_path, args, world, rank, device, parts, fingerprint)
@@ -590,7 +637,7 @@ def train(args: argparse.Namespace) -> dict:
             JsonlLog(out / "log.jsonl", True).truncate(run["step"])
         log(f"resumed from {checkpoint_path} at step {run['step']}", rank)
     elif checkpoint_path.exists():  # never overwrite another run's checkpoint by accident
-        raise SystemExit(f"{checkpoint_path} exists: continue that run with --resume, or give another --output-dir")
+        raise SystemExit(f"error: {checkpoint_path} exists: continue that run with --resume, or give another --output-dir")
     elif rank == 0:
         (out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
     if rank == 0:
@@ -670,7 +717,7 @@ def train(args: argparse.Namespace) -> dict:
                     best = {"average": result["average"], "step": step, "scores": result["scores"]}
                     with guard_nonfinite(step, checkpoint_path, out):
                         check_finite(model)
-                    save_best(model, metadata | {"step": step, "dev": result}, model_folder, out / "best")
+                        save_best(model, metadata | {"step": step, "dev": result}, model_folder, out / "best")
         stop = args.stop_after and invocation_steps >= args.stop_after and step < total_steps
         if step % eval_every == 0 or step % args.save_every == 0 or step == total_steps or stop:
             with guard_nonfinite(step, checkpoint_path, out):
@@ -696,12 +743,15 @@ def train(args: argparse.Namespace) -> dict:
 
 @contextlib.contextmanager
 def guard_nonfinite(step: int, checkpoint_path: Path, out: Path):
-    """Weights that went non-finite stop the run before they are written anywhere."""
+    """Weights that went non-finite stop the run before they are written anywhere; a write that fails
+    (a full disk) stops it with one message."""
     try:
         yield
     except NonFiniteError as err:
         raise SystemExit(f"error: at step {step}: {err}. Nothing was written: {checkpoint_path} and "
                          f"{out / 'best'} hold the last good state, if any. Lower --lr.") from None
+    except OSError as err:
+        raise SystemExit(f"error: at step {step}: {err}") from None
 
 
 def save_best(model: MTOP, metadata: dict, model_folder: Path, folder: Path) -> None:
@@ -810,7 +860,7 @@ def _read_corpus(path: Path, columns: list[str]):
             return
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
-        if header is None:
+        if not header or not any(header):
             raise SystemExit(f"error: {path}: empty; expected a header row naming the text column(s)")
         keys = columns or [header[0]]
         missing = [k for k in keys if k not in header]
