@@ -1,28 +1,36 @@
 """A from-scratch ELECTRA (and BERT) encoder that loads Hugging Face safetensors checkpoints.
 
-MTOP (Sec. 3.1 of the paper) prepends a pool of soft prompts to the *embedded* text, so the encoder
-here takes an optional block of prefix vectors that enters right after the embedding LayerNorm,
-before `embeddings_project`, with no position or token-type embedding of its own. Everything else is
-the ELECTRA discriminator of Clark et al. (2020), which is BERT's encoder (Devlin et al., 2019):
+MTOP (Sec. 3.1 of the paper) prepends a pool of soft prompts to the *embedded* text, so the encoder is
+split into its two halves: `embed` (token ids -> embedded text) and `embed_vectors` (prompt vectors
+embedded like tokens), then `encode` (the Transformer layers on whatever was embedded). `forward` is
+the plain path, with an optional block of prefix vectors joined after the embedding LayerNorm. The
+model is the ELECTRA discriminator of Clark et al. (2020), which is BERT's encoder (Devlin et al., 2019):
 
-    x = LayerNorm(word[ids] + position[0..T-1] + token_type[types])      (B, T, E)
+    x = LayerNorm(word[ids] + position[0..T-1] + token_type[types])      (B, T, E)      embed
     x = [prefix ; x]                                                     (B, P+T, E)
-    x = embeddings_project(x)          only when E != D                  (B, P+T, D)
+    x = embeddings_project(x)          only when E != D                  (B, P+T, D)    encode
     x = LayerNorm(x + Attention(x)); x = LayerNorm(x + FFN(x))           x num_hidden_layers
 
-Shapes: B batch, T text tokens, P prefix (prompt) vectors, E embedding size, D hidden size,
-H attention heads, K = D / H head size.
+Two things here are for speed and change no result: the last layer can compute only the rows a caller
+reads (`rows`: MTOP's heads read N*L of the P+T positions), and on CPUs dropout draws its mask two
+elements per random word (dropout_mask), the largest single cost of a CPU training step before.
+
+Shapes: B batch, T text tokens, P prefix (prompt) vectors, R rows the last layer computes, E embedding
+size, D hidden size, H attention heads, K = D / H head size.
 
 References: Clark et al., "ELECTRA: Pre-training Text Encoders as Discriminators Rather Than
-Generators", ICLR 2020; Devlin et al., "BERT", NAACL 2019. Weight layout: Hugging Face
-`config.json` + `model.safetensors` (REFERENCE.md section 4).
+Generators", ICLR 2020; Devlin et al., "BERT", NAACL 2019. Weight layout: Hugging Face `config.json` +
+`model.safetensors`, key names in hf_name_table.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import http.client
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -81,14 +89,7 @@ class ElectraConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ElectraConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json; a model folder needs config.json "
-                                    "next to model.safetensors") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raw = read_json(Path(path), "a model folder needs config.json next to model.safetensors")
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict:
@@ -353,14 +354,7 @@ def read_checkpoint(path: Path, config: ElectraConfig,
             unexpected.append(key)
     shape_of = {hf: expected[ours].shape if part is None else expected[ours].chunk(3)[part].shape
                 for hf, (ours, part) in table.items()}
-    missing = [hf for hf in table if hf not in found]
-    bad_shape = [f"{hf} {tuple(t.shape)} != {tuple(shape_of[hf])}"
-                 for hf, t in found.items() if t.shape != shape_of[hf]]
-    if missing or unexpected or bad_shape:
-        problems = [f"missing keys: {', '.join(missing)}" if missing else "",
-                    f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
-                    f"wrong shapes: {'; '.join(bad_shape)}" if bad_shape else ""]
-        raise ValueError(f"{path} does not match its config.json:\n  " + "\n  ".join(p for p in problems if p))
+    check_keys(path, "its config.json", {k: t.shape for k, t in found.items()}, shape_of, unexpected)
     state, parts = {}, {}
     for hf, (ours, part) in table.items():
         if part is None:
@@ -369,6 +363,33 @@ def read_checkpoint(path: Path, config: ElectraConfig,
             parts.setdefault(ours, [None] * 3)[part] = found[hf]
     state |= {ours: torch.cat(qkv) for ours, qkv in parts.items()}  # (3D, D): query, key, value
     return state
+
+
+def check_keys(path: Path, against: str, found: dict[str, torch.Size], expected: dict[str, torch.Size],
+               unexpected: list[str] = ()) -> None:
+    """One error that names every missing, unexpected and mis-shaped key of a weights file, or nothing."""
+    missing = [k for k in expected if k not in found]
+    unexpected = list(unexpected) + [k for k in found if k not in expected]
+    bad_shape = [f"{k} {tuple(found[k])} != {tuple(shape)}" for k, shape in expected.items()
+                 if k in found and found[k] != shape]
+    if missing or unexpected or bad_shape:
+        problems = [f"missing keys: {', '.join(missing)}" if missing else "",
+                    f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
+                    f"wrong shapes: {'; '.join(bad_shape)}" if bad_shape else ""]
+        raise ValueError(f"{path} does not match {against}:\n  " + "\n  ".join(p for p in problems if p))
+
+
+def read_json(path: Path, missing_hint: str) -> dict:
+    """A JSON object from a file; a missing, unreadable or non-object file gets one error naming it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; {missing_hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 # -- finding and downloading checkpoints --------------------------------------------------------
@@ -421,33 +442,51 @@ def download_model(name: str, folder: Path, hub_url: str = HUB_URL) -> None:
         raise
 
 
-def fetch(url: str, dest: Path, optional: bool = False) -> bool:
-    """Download url -> dest with progress on stderr; False if optional and the server says 404."""
+def fetch(url: str, dest: Path, optional: bool = False, sha256: str | None = None) -> bool:
+    """Download url -> dest with progress on stdout; False if optional and the server says 404. The
+    bytes go to dest.part, renamed to dest only when complete and, with `sha256`, when their digest is
+    that one: a failed, cut or refused download leaves nothing under dest's name."""
     try:
         response = urllib.request.urlopen(url, timeout=60)
     except urllib.error.HTTPError as err:
         if optional and err.code == 404:
             return False
-        raise OSError(f"downloading {url} failed: HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        raise OSError(f"downloading {url} failed: {err.reason} (no network? pass a local folder)") from None
-    total = int(response.headers.get("Content-Length") or 0)
-    done, step = 0, 1 << 20
-    print(f"downloading {url} ({total / 1e6:.1f} MB)", file=sys.stderr, flush=True)
-    with response, open(dest, "wb") as out:
-        while chunk := response.read(step):
-            out.write(chunk)
-            done += len(chunk)
-            if total > 50 * step and done % (25 * step) < step:
-                print(f"  {done / 1e6:.0f}/{total / 1e6:.0f} MB", file=sys.stderr, flush=True)
-    if total and done != total:
-        raise OSError(f"downloading {url} failed: got {done} of {total} bytes")
+        raise OSError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise OSError(f"download of {url} failed: {getattr(err, 'reason', err)} (no network?)") from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    digest, total, done, reported = hashlib.sha256(), int(response.headers.get("Content-Length") or 0), 0, 0
+    print(f"downloading {url}" + (f" ({total / 1e6:.1f} MB)" if total else ""), flush=True)
+    try:
+        with response, open(part, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if total > 10 << 20 and done * 10 // total > reported:  # a line at every 10% of a big file
+                    reported = done * 10 // total
+                    print(f"  {done / 1e6:.0f} / {total / 1e6:.0f} MB", flush=True)
+        if total and done != total:
+            raise OSError(f"the connection closed after {done} of {total} bytes")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise OSError(f"its sha256 is {digest.hexdigest()}, not the published {sha256}: a changed or "
+                          "tampered file, refused (nothing was installed)")
+        part.replace(dest)
+    except (OSError, http.client.HTTPException) as err:
+        part.unlink(missing_ok=True)
+        raise OSError(f"download of {url} failed: {err}") from None
     return True
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path over `path`: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Call write(tmp_path), then rename tmp_path over `path`: readers never see half a file, and a crash
+    or an error leaves no file behind. The temporary name is unique, so processes that write the same
+    file at once (torchrun ranks filling one cache) do not collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
     try:
         write(tmp)
         tmp.replace(path)

@@ -38,23 +38,22 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.client
 import io
 import itertools
 import json
 import os
 import shutil
 import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Callable
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
+
+from electra import atomic_write, fetch
 
 
 @dataclass(frozen=True)
@@ -483,22 +482,11 @@ def load_encoded(task: Task, split: str, data_dir: str | Path, tokenizer: Tokeni
                   "note": np.array(encoded.note)}
         if encoded.labels is not None:
             arrays["labels"] = encoded.labels
-        _write_atomically(cache_file, lambda file: np.savez(file, **arrays))
+        def write_npz(tmp: Path) -> None:
+            with open(tmp, "wb") as file:  # a file object: np.savez would add ".npz" to a name
+                np.savez(file, **arrays)
+        atomic_write(cache_file, write_npz)
     return encoded
-
-
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """write(file) into a temporary file beside `path`, then rename it to `path`: nobody ever reads a
-    half-written file, and a crash or an error leaves no file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
-    try:
-        with part:
-            write(part)
-        os.replace(part.name, path)
-    except BaseException:
-        Path(part.name).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -699,17 +687,17 @@ def write_submission(tasks: list[Task], predictions: dict[str, np.ndarray], out_
             column = [task.labels[index] for index in values.astype(np.int64)]
         file_name = SUBMISSION_FILES[key] if is_glue else f"{name}.tsv"
         lines = ["index\tprediction"] + [f"{index}\t{value}" for index, value in enumerate(column)]
-        _write_atomically(out_dir / file_name, lambda file: file.write(("\n".join(lines) + "\n").encode()))
+        atomic_write(out_dir / file_name, lambda tmp: tmp.write_bytes(("\n".join(lines) + "\n").encode()))
         written.append(file_name)
 
-    def write_zip(file: IO[bytes]) -> None:
-        with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
+    def write_zip(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             for file_name in written:
                 archive.write(out_dir / file_name, arcname=file_name)  # flat: no folder in the zip
     # The leaderboard's zip when every task is GLUE's; a custom task set's test predictions otherwise.
     glue_only = all(GLUE_TASKS.get(task.name) == task for task in tasks)
     zip_path = out_dir / ("glue_submission.zip" if glue_only else "test_predictions.zip")
-    _write_atomically(zip_path, write_zip)
+    atomic_write(zip_path, write_zip)
     left_out = left_out_of_submission(predictions) if set(written) & set(SUBMISSION_FILES.values()) else []
     print(f"wrote {zip_path} ({len(written)} files)"
           + (f"; left out of the leaderboard set, no predictions: {', '.join(left_out)}" if left_out else ""))
@@ -795,35 +783,10 @@ def _download_tasks(data_dir: Path, task_names: list[str], base_url: str, checks
 
 
 def _fetch(base_url: str, url_path: str, destination: Path, checksums: dict[str, str]) -> None:
-    """Download base_url/url_path to destination.part, report progress, and rename it when the whole
-    file has arrived and its sha256 is the published one (checksums[url_path])."""
-    url = f"{base_url}/{url_path}"
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    part = destination.with_name(destination.name + ".part")
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-            size, received, reported = int(response.headers.get("Content-Length") or 0), 0, 0
-            print(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""), flush=True)
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                if size and received * 10 // size > reported:  # a line at every 10%
-                    reported = received * 10 // size
-                    print(f"  {received / 1e6:.1f} / {size / 1e6:.1f} MB", flush=True)
-        if size and received != size:
-            raise OSError(f"the connection closed after {received} of {size} bytes")
-        expected = checksums.get(url_path)
-        if expected is None:
-            raise OSError(f"no published sha256 for {url_path}, so it cannot be verified")
-        if digest.hexdigest() != expected:
-            raise OSError(f"its sha256 is {digest.hexdigest()}, not the published {expected}: a changed or "
-                          "tampered file, refused (nothing was installed)")
-        os.replace(part, destination)
-    except (OSError, http.client.HTTPException) as error:
-        part.unlink(missing_ok=True)
-        raise OSError(f"download of {url} failed: {error}") from None
+    """Download base_url/url_path to destination, refused unless its sha256 is checksums[url_path]."""
+    if url_path not in checksums:
+        raise OSError(f"no published sha256 for {url_path}, so a download of it cannot be verified")
+    fetch(f"{base_url}/{url_path}", destination, sha256=checksums[url_path])
 
 
 def _build_mrpc(staging: Path, base_url: str, checksums: dict[str, str]) -> None:

@@ -18,12 +18,17 @@ Paper map:
     Eq. (2) Softmax(V_i sigma(W_i a_i + b))    -> TaskHead (logits; the softmax is in MTOP.loss)
     prompt tuning's vocabulary initialisation  -> initial_prompts
 
-Positions. Prompts take no position embedding: they enter as electra.Electra's `prefix`, after the
-embedding LayerNorm. The text keeps positions 0..T-1 as in pre-training, and the number of tasks is
-not capped by max_position_embeddings. Without position embeddings self-attention is
-permutation-equivariant over the prompts: shuffle the pool and the prompt outputs are shuffled the
-same way, nothing else changes. So a prompt has no identity but its learned vector; what ties task i
-to its feature is only that Eq. (1) reads back the very slots where P_i was put.
+Where prompts enter and how they start (the paper leaves both open; RESULTS.md measures them). By
+default ("after-norm") the prompts join the embedded text after the embedding LayerNorm, with no
+position embedding: the text keeps positions 0..T-1 as in pre-training and the number of tasks is not
+capped by max_position_embeddings. They start as embedded vocabulary tokens *without* a position
+embedding: started as tokens at position 0 (the first version of this code), every prompt looked
+like a copy of the sentence-start token, the text gave them most of its attention, and the pooled
+features hardly depended on the input. "input" embeds the prompts like tokens (token-type embedding,
+LayerNorm, dropout), "input-positions" also gives them positions 0..P-1 (prompt-tuning libraries).
+Without position embeddings self-attention is permutation-equivariant over the prompts: a prompt has
+no identity but its learned vector, and what ties task i to its feature is only that Eq. (1) reads
+back the very slots where P_i was put.
 
 Shapes: B batch, T text tokens, N tasks, L prompt tokens per task, S shared prompt tokens,
 C labels of a task, E embedding size (prompts live there: they are added before
@@ -45,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from electra import Electra, ElectraConfig, atomic_write
+from electra import Electra, ElectraConfig, atomic_write, check_keys, read_json
 
 MODES = ("none", "separate", "concat", "stopgrad", "mtop")
 # Where the prompt vectors join the embedded text (a choice the paper leaves open; RESULTS.md compares them):
@@ -319,13 +324,8 @@ class MTOP(nn.Module):
         settings_path = folder / SETTINGS_FILE
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder (MTOP.save writes {SETTINGS_FILE} and {WEIGHTS_FILE})")
-        try:
-            settings = json.loads(settings_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{settings_path}: missing; this is not a folder written by MTOP.save "
-                                    "(a bare encoder folder loads with electra.Electra.from_pretrained)") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{settings_path}: not valid JSON ({err})") from None
+        settings = read_json(settings_path, "this is not a folder written by MTOP.save (a bare encoder folder "
+                                            "loads with electra.Electra.from_pretrained)")
         if settings.get("format") != "mtop" or settings.get("version") != 1:
             raise ValueError(f"{settings_path}: not a version 1 MTOP settings file (written by MTOP.save)")
         try:
@@ -338,6 +338,8 @@ class MTOP(nn.Module):
                             settings.get("prompt_entry", "after-norm"), settings.get("prompt_init", "vocab-pos0"))
         except KeyError as err:
             raise ValueError(f"{settings_path}: missing field {err.args[0]!r}") from None
+        except TypeError as err:
+            raise ValueError(f"{settings_path}: a field has the wrong type ({err})") from None
         state = read_weights(folder / WEIGHTS_FILE, model.state_dict(), map_location)
         model.load_state_dict(state, assign=True)
         return model.eval(), settings.get("metadata", {})
@@ -352,13 +354,5 @@ def read_weights(path: Path, expected: dict[str, torch.Tensor],
         raise FileNotFoundError(f"{path}: no weights file (MTOP.save writes {WEIGHTS_FILE})") from None
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: cannot read safetensors ({err}); the file is truncated or corrupt") from None
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    bad_shape = [f"{k} {tuple(state[k].shape)} != {tuple(t.shape)}"
-                 for k, t in expected.items() if k in state and state[k].shape != t.shape]
-    if missing or unexpected or bad_shape:
-        problems = [f"missing keys: {', '.join(missing)}" if missing else "",
-                    f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
-                    f"wrong shapes: {'; '.join(bad_shape)}" if bad_shape else ""]
-        raise ValueError(f"{path} does not match {SETTINGS_FILE}:\n  " + "\n  ".join(p for p in problems if p))
+    check_keys(path, SETTINGS_FILE, {k: t.shape for k, t in state.items()}, {k: t.shape for k, t in expected.items()})
     return state

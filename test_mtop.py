@@ -2278,3 +2278,33 @@ def test_kill_during_predict_leaves_the_previous_output_whole(tiny_model, traine
     assert len(whole.splitlines()) == 50
     died = _run_dying("train.Labeller.__call__", 3, "pass", argv)
     assert died.returncode == 9 and target.read_text() == whole
+
+
+def _readme_block(containing: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"README.md should have one python block with {containing!r}"
+    return found[0]
+
+
+@pytest.mark.parametrize("name", ["dts", "proportional", "uniform", "annealed", "temperature"])
+def test_readme_scheduler_example_runs_as_written(name):
+    """README's scheduler loop runs as written, and with any sampler put in its make_sampler line."""
+    code = _readme_block("import scheduler")
+    if name != "dts":
+        code = code.replace('scheduler.make_sampler("dts", sizes, interval=100)', f'scheduler.make_sampler("{name}", sizes)')
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert json.loads(namespace["saved"]) == namespace["sampler"].state_dict()
+
+
+def test_readme_labelling_example_runs_as_written(trained_folder, tmp_path, monkeypatch):
+    """README's Python labelling example runs as written against a trained runs/mtop/best folder."""
+    (tmp_path / "runs" / "mtop").mkdir(parents=True)
+    shutil.copytree(trained_folder, tmp_path / "runs" / "mtop" / "best")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(_readme_block("Labeller"), "README.md", "exec"), namespace)
+    assert len(namespace["rows"]) == 2 and set(namespace["rows"][0]) == {"nli", "sim"}
+    assert namespace["rows"][0]["nli"] in ("no", "yes") and isinstance(namespace["rows"][0]["sim"], float)
+    assert len(namespace["pairs"]) == 1

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import datetime
+import gc
 import hashlib
 import itertools
 import json
@@ -42,8 +44,12 @@ from electra import DEFAULT_CACHE, Electra, ElectraConfig, atomic_write, resolve
 from mtop import MODES, MTOP, PROMPT_ENTRIES, PROMPT_INITS
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--task-set", default="glue", help="'glue' or a JSON file defining tasks (see README)")
     g.add_argument("--tasks", default="", help="comma-separated subset of the task set, e.g. RTE,MRPC")
@@ -93,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (CPU and CUDA)")
-    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.safetensors")
     g.add_argument("--stop-after", type=int, default=0,
                    help="leave after this many steps of this invocation (checkpoint kept; use --resume)")
     g.add_argument("--no-test", action="store_true", help="skip the test-set predictions at the end")
@@ -236,13 +242,20 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
 @torch.no_grad()
 def predict_encoded(model: MTOP, task: str, encoded: glue_data.Encoded, indices: np.ndarray | None,
                     device: str, dtype: str, scale: tuple[float, float] = (0.0, 1.0),
-                    batch_size: int = 64) -> np.ndarray:
+                    batch_size: int = 64, label: str = "") -> np.ndarray:
     """Predictions of one task's head for the given rows, in their order: class ids, or floats
-    mapped back from standardised targets with scale = (train mean, train std)."""
+    mapped back from standardised targets with scale = (train mean, train std). With a label, a
+    progress line every 30 seconds (QQP's test set takes a while)."""
     model.eval()
     indices = np.arange(len(encoded)) if indices is None else indices
     out = np.zeros(len(indices), dtype=np.float32 if model.num_labels[task] == 1 else np.int64)
+    started = last = time.perf_counter()
+    done = 0
     for batch in glue_data.batch_order(encoded.lengths[indices], batch_size, 0, 0, shuffle=False):
+        done += len(batch)
+        if label and time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            log(f"{label}: {done}/{len(indices)} rows ({done / (last - started):.0f} rows/s)")
         inputs = glue_data.collate(encoded, indices[batch], multiple=pad_multiple(device))
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16"):
             logits = model(inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
@@ -261,7 +274,7 @@ def evaluate(model, tasks, data, args) -> dict:
         metrics = {}
         for split, encoded in data[task.name]["dev"].items():
             predictions = predict_encoded(model, task.name, encoded, None, args.device, args.dtype,
-                                          data[task.name]["scale"])
+                                          data[task.name]["scale"], label=f"dev {task.name} {split}")
             found = glue_data.compute_metrics(task, predictions, encoded.labels)
             suffix = "" if len(task.dev_splits) == 1 else f"_{split.split('_')[-1]}"
             metrics |= {f"{k}{suffix}": v for k, v in found.items()}
@@ -736,9 +749,22 @@ def train(args: argparse.Namespace) -> dict:
     if rank == 0 and step == total_steps:
         log(f"best dev average {100 * best['average']:.2f} at step {best['step']}", rank)
         if not args.no_test:
+            del ddp, model, optimizer, lr_schedule  # the test predictions load the best model from disk
+            release_memory()
             write_test_predictions(out, tasks, args)
         plot(out)
     return {"step": step, "losses": losses, "best": best, "history": history}
+
+
+def release_memory() -> None:
+    """Give freed memory back to the operating system. glibc's malloc keeps the memory of freed tensors
+    for reuse; with a new batch shape at every step its heap fragments, and the process held 1.6 GB
+    where its tensors needed 0.6 (benchmarks/peak_memory.py, BENCHMARKS.md). No-op off glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager
@@ -785,8 +811,10 @@ def write_test_predictions(out: Path, tasks: list[glue_data.Task], args) -> None
             log(f"no {source.name} {split} file: left out of the submission")
             continue
         encoded = glue_data.load_encoded(source, split, args.data_dir, tokenizer, args.max_length, cache)
+        log(f"test predictions: {source.name} {split}, {len(encoded)} rows")
         predictions[f"{source.name}/{split}"] = predict_encoded(model, head.name, encoded, None, args.device,
-                                                                args.dtype, scales[head.name])
+                                                                args.dtype, scales[head.name],
+                                                                label=f"test {source.name} {split}")
     wnli = glue_data.GLUE_TASKS["WNLI"]
     if args.task_set == "glue" and wnli not in tasks and not glue_data.missing_files([wnli], args.data_dir):
         # The paper leaves WNLI out; the leaderboard still wants its file: the train majority class.

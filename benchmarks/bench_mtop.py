@@ -10,6 +10,10 @@ once per task. Both run with active_task=None, as at inference, on the same rand
 alternately in one process; the median over repeats is reported. speedup = separate / mtop time.
 Table 2: milliseconds for one "mtop" pass as N grows, next to the pass without prompts ("none",
 the MT-DNN baseline), to show what the N*L extra positions cost. Every document fills --length.
+Table 3: labelling throughput as N grows (documents/s, all N tasks from one pass), the share of that
+time spent in the encoder and in the heads, and the heads run as N separate modules (the training
+path) against MTOP.all_heads' two batched products (the inference path), whose logits must equal
+the loop's.
 """
 
 import argparse
@@ -39,7 +43,7 @@ def timed(fn, device: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="1,8,64", help="comma-separated task counts N for table 1")
-    parser.add_argument("--growth", default="1,8,64,256", help="comma-separated task counts N for table 2")
+    parser.add_argument("--growth", default="1,8,64,256", help="comma-separated task counts N for tables 2 and 3")
     parser.add_argument("--task-prompt-len", type=int, default=4, help="prompt tokens per task L (paper: 4)")
     parser.add_argument("--shared-prompt-len", type=int, default=32, help="shared prompt tokens S (paper: 32)")
     parser.add_argument("--batch", type=int, default=16, help="documents per batch")
@@ -101,6 +105,32 @@ def main() -> None:
         positions = n * args.task_prompt_len + args.shared_prompt_len + args.length
         print(f"| {n} | {positions} | {1000 * seconds['mtop']:.0f} | {1000 * seconds['none']:.0f} "
               f"| {seconds['mtop'] / seconds['none']:.2f} |", flush=True)
+
+    print("\n| N tasks | documents/s (all tasks) | encoder share | heads share | heads, loop ms | heads, batched ms "
+          "| batched = loop |")
+    print("|---|---|---|---|---|---|---|")
+    for n in [int(x) for x in args.growth.split(",")]:
+        model = model_for("mtop", n)
+        L = args.task_prompt_len
+        with torch.inference_mode(), autocast:
+            rows = slice(0, n * L)
+            encode = lambda: model.encode(ids, mask, types, model.prompt_pool(), rows)  # noqa: E731
+            features = encode().unflatten(1, (n, L)).mean(dim=2)  # (B, N, D)
+            loop = lambda: {name: head(features[:, i]) for i, (name, head) in  # noqa: E731
+                            enumerate(zip(model.task_names, model.heads))}
+            batched = lambda: model.all_heads(features)  # noqa: E731
+            same = all(torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+                       for a, b in zip(loop().values(), batched().values()))
+            whole = lambda: model(ids, mask, types)  # noqa: E731
+            for fn in (encode, loop, batched, whole):  # warm-up
+                fn()
+            times = {name: [] for name in ("encode", "loop", "batched", "whole")}
+            for _ in range(args.repeats):
+                for name, fn in (("encode", encode), ("loop", loop), ("batched", batched), ("whole", whole)):
+                    times[name].append(timed(fn, args.device))
+        t = {name: statistics.median(v) for name, v in times.items()}
+        print(f"| {n} | {args.batch / t['whole']:.1f} | {t['encode'] / t['whole']:.0%} | {t['batched'] / t['whole']:.1%} "
+              f"| {1000 * t['loop']:.1f} | {1000 * t['batched']:.1f} | {'yes' if same else 'NO'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -150,9 +150,16 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
 
     tables = {}
     head = ("| prompts | feature variation | slot cosine | text -> prompts attention (layers 1..6) | "
-            "prompts -> text attention | text shift (layers 1..6) | majority share | dev |")
+            "prompts -> text attention | text shift (layers 1..6) | majority share | dev | gradient norms "
+            "(task prompts / shared / heads / encoder) |")
+
+    def gradients(points, index):  # measured over the steps before this point (the first window at step 0)
+        g = points[max(index, 1) if index >= 0 else index]["grad_norm"]
+        return " / ".join("-" if g[k] is None else f"{g[k]:.1g}" for k in ("task_prompts", "shared_prompts",
+                                                                           "heads", "encoder"))
+
     for which, index in (("init", 0), ("last", -1)):
-        lines = [head, "|---|---|---|---|---|---|---|---|"]
+        lines = [head, "|---|---|---|---|---|---|---|---|---|"]
         for r in results:
             p = r["points"][index]
             k = f"{folder}.{key(r)}.{which}"
@@ -170,7 +177,8 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
                          " ".join(f"{v:.2f}" for v in p["text_shift"])]
             else:
                 cells = [f"{p['feature_variation']:.2f}", "", "", "", ""]
-            cells += [f"{p.get('majority_share', float('nan')):.2f}", f"{100 * p['dev']:.1f}"]
+            cells += [f"{p.get('majority_share', float('nan')):.2f}", f"{100 * p['dev']:.1f}",
+                      gradients(r["points"], index)]
             lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
         tables[f"diag:{folder}:{which}"] = "\n".join(lines)
         values[f"{folder}.{which}.step"] = str(results[0]["points"][index]["step"])
