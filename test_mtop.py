@@ -240,20 +240,21 @@ def test_last_layer_rows_equal_the_full_pass():
                                            atol=1e-6, rtol=1e-6)
 
 
-def test_dropout_mask_is_bernoulli_p_and_independent():
-    """dropout_mask: drop rate p within 4 standard errors for several p; neighbouring draws (the two
-    halves of one random word, and consecutive words) are uncorrelated; the kept values are x / (1-p)."""
+def test_keep_mask_is_bernoulli_and_independent():
+    """keep_mask: drop rate p within 4 standard errors for several p; neighbouring draws (the two halves
+    of one random word, and consecutive words) are uncorrelated; the kept values are x / (1-p)."""
     torch.manual_seed(0)
     n = 2_000_000
     for p in (0.1, 0.5, 0.03):
-        drop = electra.dropout_mask((n,), p, torch.device("cpu")).double()
+        drop = (~electra.keep_mask((n,), p, torch.device("cpu"))).double()
         assert abs(drop.mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n), p
         for lag in (1, 2, 3):  # lag 1: the two halves of a word; lag 2: the same half of the next word
             r = np.corrcoef(drop[:-lag].numpy(), drop[lag:].numpy())[0, 1]
             assert abs(r) < 4 / math.sqrt(n), (p, lag, r)
-    even, odd = electra.dropout_mask((n,), 0.1, torch.device("cpu")).view(-1, 2).double().unbind(1)
+    even, odd = (~electra.keep_mask((n,), 0.1, torch.device("cpu"))).view(-1, 2).double().unbind(1)
     for half in (even, odd):  # each half on its own also drops at rate p
         assert abs(half.mean().item() - 0.1) < 4 * math.sqrt(0.09 / (n / 2))
+    assert electra.keep_mask((3, 5, 7), 0.1, torch.device("cpu")).shape == (3, 5, 7)  # odd sizes too
     x = torch.randn(1000, 300)
     y = electra.dropout(x, 0.1, training=True)
     kept = y != 0
@@ -2081,6 +2082,7 @@ BAD_INPUTS = {
         b / "mtop.json", lambda s: s.pop("tasks"))),
     "predict mtop.json not JSON": _predict("text\nA\n", "not valid JSON", edit=lambda b: (b / "mtop.json").write_text("{")),
     "predict weights missing": _predict("text\nA\n", "no weights file", edit=lambda b: (b / "model.safetensors").unlink()),
+    "predict --device cuda without CUDA": _predict("text\nA\n", "--device cuda", extra=("--device", "cuda")),
 }
 
 

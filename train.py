@@ -458,11 +458,15 @@ def check_finite(model: MTOP) -> None:
         raise NonFiniteError(f"non-finite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
-def check_flags(args, device: str) -> None:
-    """The flags that name things on this machine, before anything is read or downloaded."""
+def check_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device}, but torch sees no CUDA device here (a CPU-only build of "
                          "torch, or no GPU): use --device cpu")
+
+
+def check_flags(args, device: str) -> None:
+    """The flags that name things on this machine, before anything is read or downloaded."""
+    check_device(device)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --output-dir {out} is a file, not a folder; give a folder")
@@ -615,7 +619,37 @@ def restore(path: Path, args, world: int, rank: int, device: str, parts: dict, f
     return {"step": state["step"], "best": state["best"], "history": state["history"]}
 
 
+def open_run(args, out: Path, world: int, rank: int, device: str, parts: dict, fingerprint: dict) -> dict:
+    """A new run in `out`, or with --resume the one whose checkpoint is there: its state (step, best,
+    history). Another run's checkpoint is never overwritten, and an old pickle one never loaded."""
+    checkpoint_path = out / CHECKPOINT
+    if (out / LEGACY_CHECKPOINT).exists():
+        raise SystemExit(f"error: {out / LEGACY_CHECKPOINT} is a checkpoint of an earlier train.py, a pickle file. "
+                         "It is not loaded: unpickling a file can run any code in it. Start a new run in another "
+                         "--output-dir.")
+    run = {"step": 0, "best": {"average": -math.inf, "step": 0}, "history": []}
+    if args.resume:
+        if not checkpoint_path.exists():
+            raise SystemExit(f"error: --resume: no checkpoint at {checkpoint_path} (start without --resume)")
+        run = restore(checkpoint_path, args, world, rank, device, parts, fingerprint)
+        if rank == 0:
+            JsonlLog(out / "log.jsonl", True).truncate(run["step"])
+        log(f"resumed from {checkpoint_path} at step {run['step']}", rank)
+    elif checkpoint_path.exists():
+        raise SystemExit(f"error: {checkpoint_path} exists: continue that run with --resume, or give another "
+                         "--output-dir")
+    elif rank == 0:
+        (out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "args.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
+    return run
+
+
 def train(args: argparse.Namespace) -> dict:
+    """Algorithm 1: set-up, then one task per step, chosen by the sampler, with probes every I steps,
+    evaluations, checkpoints and the best model kept; the test predictions at the end."""
+    check_device(args.device)
     rank, world, device = setup_distributed(args.device)
     args.device = device
     out = Path(args.output_dir)
@@ -635,27 +669,10 @@ def train(args: argparse.Namespace) -> dict:
                                   args.seed + i, pad_multiple(device)) for i, t in enumerate(tasks)}
     fingerprint = data_fingerprint(tasks, data)
 
-    run = {"step": 0, "best": {"average": -math.inf, "step": 0}, "history": []}
     checkpoint_path = out / CHECKPOINT
-    if (out / LEGACY_CHECKPOINT).exists():
-        raise SystemExit(f"error: {out / LEGACY_CHECKPOINT} is a checkpoint of an earlier train.py, a pickle file. It is not "
-                         "loaded: unpickling a file can run any code in it. Start a new run in another --output-dir.")
-    if args.resume:
-        if not checkpoint_path.exists():
-            raise SystemExit(f"error: --resume: no checkpoint at {checkpoint_path} (start without --resume)")
-        parts = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "sampler": sampler,
-                 "streams": streams}
-        run = restore(checkpoint_path, args, world, rank, device, parts, fingerprint)
-        if rank == 0:
-            JsonlLog(out / "log.jsonl", True).truncate(run["step"])
-        log(f"resumed from {checkpoint_path} at step {run['step']}", rank)
-    elif checkpoint_path.exists():  # never overwrite another run's checkpoint by accident
-        raise SystemExit(f"error: {checkpoint_path} exists: continue that run with --resume, or give another --output-dir")
-    elif rank == 0:
-        (out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "args.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
+    parts = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "sampler": sampler,
+             "streams": streams}
+    run = open_run(args, out, world, rank, device, parts, fingerprint)  # new, or resumed from its checkpoint
     records = JsonlLog(out / "log.jsonl", rank == 0)
     eval_every = args.eval_every or steps_per_epoch
     metadata = {"tasks": [{"name": t.name, "kind": t.kind, "labels": list(t.labels or []),
@@ -749,6 +766,7 @@ def train(args: argparse.Namespace) -> dict:
     if rank == 0 and step == total_steps:
         log(f"best dev average {100 * best['average']:.2f} at step {best['step']}", rank)
         if not args.no_test:
+            parts.clear()
             del ddp, model, optimizer, lr_schedule  # the test predictions load the best model from disk
             release_memory()
             write_test_predictions(out, tasks, args)
@@ -946,6 +964,7 @@ class Labeller:
 def predict_corpus(args: argparse.Namespace) -> Path | None:
     """--predict: label every row of a corpus with every task, in chunks (constant memory). Under torchrun
     the chunks are shared out (chunk j to rank j mod K) and rank 0 joins the parts in input order."""
+    check_device(args.device)
     rank, world, device = setup_distributed(args.device)
     folder = Path(args.checkpoint or Path(args.output_dir) / "best")
     source = Path(args.predict)
