@@ -57,20 +57,20 @@ def real_glue() -> Path:
     return folder
 
 
-_WORDS = ("the a one cat dog film plot actor story movie song book good bad long short funny dull warm cold "
+WORDS = ("the a one cat dog film plot actor story movie song book good bad long short funny dull warm cold "
           "new old red blue runs sees likes hates makes takes gives finds quickly slowly very rather").split()
 
 
-def _sentence(rng, words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(words)) + " ."
+def random_sentence(rng, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + " ."
 
 
 def write_small_glue(root: Path, rows: tuple[int, int, int] = (48, 16, 16)) -> Path:
-    """Small CoLA, SST-2, MRPC, STS-B, RTE, WNLI and AX files in the official layouts (REFERENCE.md):
+    """Small CoLA, SST-2, MRPC, STS-B, RTE, WNLI and AX files in the official layouts of GLUE's download:
     CoLA train/dev without a header, MRPC train/dev with a byte-order mark, test files without labels."""
     import random as stdlib_random
     rng = stdlib_random.Random(0)
-    pair = lambda i: (_sentence(rng, 3 + i % 7), _sentence(rng, 2 + i % 5))  # noqa: E731
+    pair = lambda i: (random_sentence(rng, 3 + i % 7), random_sentence(rng, 2 + i % 5))  # noqa: E731
 
     def write(relative: str, lines: list[str], bom: bool = False) -> None:
         path = root / relative
@@ -80,8 +80,8 @@ def write_small_glue(root: Path, rows: tuple[int, int, int] = (48, 16, 16)) -> P
     for split, n in zip(("train", "dev", "test"), rows):
         ids = range(n) if split != "dev" else range(1000, 1000 + n)
         if split == "test":
-            write("CoLA/test.tsv", ["index\tsentence"] + [f"{i}\t{_sentence(rng, 4)}" for i in ids])
-            write("SST-2/test.tsv", ["index\tsentence"] + [f"{i}\t{_sentence(rng, 5)} " for i in ids])
+            write("CoLA/test.tsv", ["index\tsentence"] + [f"{i}\t{random_sentence(rng, 4)}" for i in ids])
+            write("SST-2/test.tsv", ["index\tsentence"] + [f"{i}\t{random_sentence(rng, 5)} " for i in ids])
             write("MRPC/test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String"]
                   + [f"{k}\t{7000 + k}\t{8000 + k}\t" + "\t".join(pair(k)) for k in range(n)])
             write("STS-B/test.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"]
@@ -89,8 +89,8 @@ def write_small_glue(root: Path, rows: tuple[int, int, int] = (48, 16, 16)) -> P
             for task in ("RTE", "WNLI"):
                 write(f"{task}/test.tsv", ["index\tsentence1\tsentence2"] + [f"{i}\t" + "\t".join(pair(i)) for i in ids])
             continue
-        write(f"CoLA/{split}.tsv", [f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{_sentence(rng, 3 + i % 6)}" for i in ids])
-        write(f"SST-2/{split}.tsv", ["sentence\tlabel"] + [f"{_sentence(rng, 4 + i % 5)} \t{i % 2}" for i in ids])
+        write(f"CoLA/{split}.tsv", [f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{random_sentence(rng, 3 + i % 6)}" for i in ids])
+        write(f"SST-2/{split}.tsv", ["sentence\tlabel"] + [f"{random_sentence(rng, 4 + i % 5)} \t{i % 2}" for i in ids])
         write(f"MRPC/{split}.tsv", ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
               + [f"{(i + 1) % 3 and 1 or 0}\t{100 + i}\t{500 + i}\t" + "\t".join(pair(i)) for i in ids], bom=True)
         write(f"STS-B/{split}.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
@@ -419,20 +419,19 @@ def test_failed_download_leaves_nothing_in_the_cache(tmp_path, hub):
     assert list((cache / "models").iterdir()) == []
 
 
-# == glue_data.py: reading, tokenizing, batching, metrics, submissions, download ===================
+# -- glue_data.py: reading, tokenizing, batching, metrics, submissions, download -------------------
 
 GLUE = glue_data.GLUE_TASKS
 
 
-def _write_tsv(path: Path, rows: list[list[str]] | str) -> Path:
+def write_tsv(path: Path, rows: list[list[str]] | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = rows if isinstance(rows, str) else "".join("\t".join(row) + "\n" for row in rows)
     path.write_text(text, encoding="utf-8")
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reading GLUE files
+# -- glue_data.py: reading glue files ----------------------------------------------------------
 
 
 def test_every_glue_file_reads_to_its_official_row_count():
@@ -460,23 +459,23 @@ MNLI_COLUMNS = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse"
                 "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
 
 
-def _mnli_row(index: int, premise: str, hypothesis: str, *labels: str) -> list[str]:
+def mnli_row(index: int, premise: str, hypothesis: str, *labels: str) -> list[str]:
     return [str(index), "31193", f"{index}n", "government", "( ( a b ) )", "( c )", "(ROOT (S a))",
             "(ROOT (S c))", premise, hypothesis, *labels]
 
 
 def test_mnli_reader_uses_fixed_label_order_and_skips_dash_labels(tmp_path):
     """MNLI in its real column layout: labels map to (contradiction, entailment, neutral); '-' rows are counted."""
-    _write_tsv(tmp_path / "MNLI/train.tsv", [MNLI_COLUMNS + ["label1", "gold_label"],
-                                         _mnli_row(0, '" Quoted start', "b", "neutral", "entailment"),
-                                         _mnli_row(1, "c", "d", "neutral", "neutral"),
-                                         _mnli_row(2, "e", "f", "contradiction", "contradiction")])
+    write_tsv(tmp_path / "MNLI/train.tsv", [MNLI_COLUMNS + ["label1", "gold_label"],
+                                         mnli_row(0, '" Quoted start', "b", "neutral", "entailment"),
+                                         mnli_row(1, "c", "d", "neutral", "neutral"),
+                                         mnli_row(2, "e", "f", "contradiction", "contradiction")])
     dev_header = MNLI_COLUMNS + [f"label{i}" for i in range(1, 6)] + ["gold_label"]
-    _write_tsv(tmp_path / "MNLI/dev_matched.tsv", [dev_header, _mnli_row(0, "a", "b", *["neutral"] * 6),
-                                               _mnli_row(1, "c", "d", "neutral", "entailment", "neutral",
+    write_tsv(tmp_path / "MNLI/dev_matched.tsv", [dev_header, mnli_row(0, "a", "b", *["neutral"] * 6),
+                                               mnli_row(1, "c", "d", "neutral", "entailment", "neutral",
                                                          "contradiction", "entailment", "-"),
-                                               _mnli_row(2, "e", "f", *["entailment"] * 6)])
-    _write_tsv(tmp_path / "MNLI/test_matched.tsv", [MNLI_COLUMNS, _mnli_row(0, "a", "b"), _mnli_row(1, "c", "d")])
+                                               mnli_row(2, "e", "f", *["entailment"] * 6)])
+    write_tsv(tmp_path / "MNLI/test_matched.tsv", [MNLI_COLUMNS, mnli_row(0, "a", "b"), mnli_row(1, "c", "d")])
     task = GLUE["MNLI"]
     assert task.labels == ("contradiction", "entailment", "neutral")
     assert task.dev_splits == ("dev_matched", "dev_mismatched")
@@ -493,28 +492,27 @@ def test_mnli_reader_uses_fixed_label_order_and_skips_dash_labels(tmp_path):
 def test_qqp_reader_skips_and_counts_rows_with_too_few_columns(tmp_path):
     """QQP's malformed rows (a question broken over two lines) are skipped and counted, the rest read."""
     header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-    _write_tsv(tmp_path / "QQP/train.tsv", "\t".join(header) + "\n"
+    write_tsv(tmp_path / "QQP/train.tsv", "\t".join(header) + "\n"
            + "0\t1\t2\tHow do I learn?\tHow to learn?\t1\n"
            + "1\t3\t4\tWhat is a\nbroken question?\tAnother one\t0\n"
            + "2\t5\t6\tWhy?\tWhy not?\t0")  # and no final newline
-    _write_tsv(tmp_path / "QQP/test.tsv", [["id", "question1", "question2"], ["0", "Is it?", "Is it so?"]])
+    write_tsv(tmp_path / "QQP/test.tsv", [["id", "question1", "question2"], ["0", "Is it?", "Is it so?"]])
     train = glue_data.load_split(GLUE["QQP"], "train", tmp_path)
     assert train.labels.tolist() == [1, 0] and train.text_b == ["How to learn?", "Why not?"]
     assert train.skipped == 2 and "too few columns" in train.note and "lines 3, 4" in train.note
     assert glue_data.load_split(GLUE["QQP"], "test", tmp_path).text_a == ["Is it?"]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Custom task sets
+# -- glue_data.py: custom task sets ------------------------------------------------------------
 
 
-def _news_task_set(tmp_path: Path) -> Path:
+def news_task_set(tmp_path: Path) -> Path:
     rows = [["title", "body", "topic", "sentiment"], ["Cup final", "A late goal.", "sports", "positive"],
             ["Summit", "Talks fail.", "world", "negative"], ["Derby", "A draw.", "sports", "NULL"],
             ["Floods", "Rain again.", "world", ""], ["Transfer", "Record fee.", "sports", "positive"]]
     for split in ("train", "dev"):
-        _write_tsv(tmp_path / f"news/{split}.tsv", rows)
-    _write_tsv(tmp_path / "news/test.tsv", [["title", "body"], ["Vote", "Polls close."]])
+        write_tsv(tmp_path / f"news/{split}.tsv", rows)
+    write_tsv(tmp_path / "news/test.tsv", [["title", "body"], ["Vote", "Polls close."]])
     spec = {"tasks": [
         {"name": "topic", "train": "news/train.tsv", "dev": "news/dev.tsv", "test": "news/test.tsv",
          "text": ["title", "body"], "label": "topic", "type": "classification", "labels": ["world", "sports"],
@@ -533,8 +531,8 @@ def test_readme_task_set_example_loads_as_documented(tmp_path):
     rows = [["title", "body", "topic", "tone"], ["A", "B", "world", "0.5"], ["C", "D", "sports", "1.5"],
             ["E", "F", "NULL", "2"]]
     for split in ("train", "dev"):
-        _write_tsv(tmp_path / f"news/{split}.tsv", rows)
-    _write_tsv(tmp_path / "news/test.tsv", [["title", "body"], ["X", "Y"]])
+        write_tsv(tmp_path / f"news/{split}.tsv", rows)
+    write_tsv(tmp_path / "news/test.tsv", [["title", "body"], ["X", "Y"]])
     topic, tone = glue_data.load_task_set(str(tmp_path / "tasks.json"), tmp_path)
     assert (topic.kind, topic.labels, tone.kind, tone.metrics) == ("classification", ("world", "sports"),
                                                                    "regression", ("pearson",))
@@ -544,7 +542,7 @@ def test_readme_task_set_example_loads_as_documented(tmp_path):
 
 def test_custom_task_set_reads_two_label_columns_of_one_file(tmp_path):
     """Two tasks read one file with different label columns; given labels keep their order, others are sorted."""
-    topic, sentiment = glue_data.load_task_set(str(_news_task_set(tmp_path)), tmp_path / "elsewhere")
+    topic, sentiment = glue_data.load_task_set(str(news_task_set(tmp_path)), tmp_path / "elsewhere")
     assert topic.labels == ("world", "sports") and sentiment.labels == ("negative", "positive")
     assert topic.metrics == ("accuracy",) and sentiment.metrics == ("f1", "accuracy")
     assert topic.test_splits == ("test",) and sentiment.test_splits == ()
@@ -558,7 +556,7 @@ def test_custom_task_set_reads_two_label_columns_of_one_file(tmp_path):
 
 def test_custom_task_missing_labels_leave_out_rows_of_that_task_only(tmp_path):
     """Rows whose label is in `missing` are dropped (and counted) for that task, kept for the other."""
-    topic, sentiment = glue_data.load_task_set(str(_news_task_set(tmp_path)), tmp_path)
+    topic, sentiment = glue_data.load_task_set(str(news_task_set(tmp_path)), tmp_path)
     kept = glue_data.load_split(sentiment, "dev", tmp_path)
     assert kept.text_a == ["A late goal.", "Talks fail.", "Record fee."] and kept.labels.tolist() == [1, 0, 1]
     assert kept.skipped == 2 and "NULL" in kept.note
@@ -567,7 +565,7 @@ def test_custom_task_missing_labels_leave_out_rows_of_that_task_only(tmp_path):
 
 def test_custom_csv_task_reads_quoted_commas(tmp_path):
     """A .csv file is read with the csv module: quoted fields may hold commas."""
-    _write_tsv(tmp_path / "reviews.csv", 'text,stars\n"Good, really",4.5\nBad,1\n')
+    write_tsv(tmp_path / "reviews.csv", 'text,stars\n"Good, really",4.5\nBad,1\n')
     spec = {"tasks": [{"name": "stars", "train": "reviews.csv", "dev": "reviews.csv", "text": "text",
                        "label": "stars", "type": "regression", "metric": "spearman"}]}
     (tmp_path / "set.json").write_text(json.dumps(spec))
@@ -595,8 +593,7 @@ def test_task_set_json_errors_name_the_task_and_the_problem(tmp_path, change, ex
     assert "set.json: task 'topic'" in str(error.value) and expected in str(error.value)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Bad input
+# -- glue_data.py: bad input -------------------------------------------------------------------
 
 
 def test_unknown_task_name_lists_the_valid_names():
@@ -635,8 +632,7 @@ def test_bad_rows_raise_an_error_naming_file_and_line(tmp_path, bad_line, expect
     assert f"{path}, {expected}" in str(error.value)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Tokenization and cache
+# -- glue_data.py: tokenization and cache ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -678,7 +674,7 @@ def test_truncation_is_longest_first_and_respects_max_length(minilm_tokenizer):
 
 def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, monkeypatch, minilm_tokenizer):
     """A second load reads the .npz without tokenizing; an edited file or another max_length tokenizes again."""
-    _write_tsv(tmp_path / "RTE/dev.tsv", (SMALL_GLUE / "RTE/dev.tsv").read_text(encoding="utf-8"))
+    write_tsv(tmp_path / "RTE/dev.tsv", (SMALL_GLUE / "RTE/dev.tsv").read_text(encoding="utf-8"))
     cache = tmp_path / "cache"
     first = glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)
     real_encode = glue_data.encode
@@ -693,7 +689,7 @@ def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, 
     assert second.ids.dtype == np.int32 and second.labels.dtype == np.int64 and len(second) == rows
     assert [p.suffix for p in cache.iterdir()] == [".npz"]  # written atomically: no .part left
     text = (tmp_path / "RTE/dev.tsv").read_text(encoding="utf-8")
-    _write_tsv(tmp_path / "RTE/dev.tsv", text.rsplit("\n", 2)[0] + "\n")  # drop the last row
+    write_tsv(tmp_path / "RTE/dev.tsv", text.rsplit("\n", 2)[0] + "\n")  # drop the last row
     for max_length in (128, 64):
         with pytest.raises(AssertionError, match="tokenized"):
             glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, max_length, cache)
@@ -701,8 +697,7 @@ def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, 
     assert len(glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)) == rows - 1
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Batching
+# -- glue_data.py: batching --------------------------------------------------------------------
 
 
 def test_batch_order_is_deterministic_and_uses_each_index_once():
@@ -754,11 +749,10 @@ def test_collate_pads_to_the_longest_example_of_the_batch(minilm_tokenizer):
     assert rounded["input_ids"].shape == (2, 16) and rounded["attention_mask"].sum(1).tolist() == [6, 9]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Metrics
+# -- glue_data.py: metrics ---------------------------------------------------------------------
 
 
-def _independent_binary_metrics(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+def independent_binary_metrics(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     tp = np.sum((predictions == 1) & (labels == 1))
     tn = np.sum((predictions == 0) & (labels == 0))
     fp = np.sum((predictions == 1) & (labels == 0))
@@ -776,7 +770,7 @@ def test_metrics_agree_with_independent_computations():
         n = int(rng.integers(20, 400))
         labels = rng.integers(0, 2, n)
         predictions = np.where(rng.random(n) < 0.7, labels, rng.integers(0, 2, n))
-        f1, mcc = _independent_binary_metrics(predictions, labels)
+        f1, mcc = independent_binary_metrics(predictions, labels)
         assert glue_data.f1(predictions, labels) == pytest.approx(f1, abs=1e-9)
         assert glue_data.matthews_corrcoef(predictions, labels) == pytest.approx(mcc, abs=1e-9)
         assert glue_data.accuracy(predictions, labels) == pytest.approx(np.mean(predictions == labels), abs=1e-12)
@@ -826,8 +820,7 @@ def test_task_scores_and_glue_average_follow_the_leaderboard():
         glue_data.compute_metrics(GLUE["CoLA"], np.array([0.2, 0.9]), np.array([0, 1]))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Submission and download
+# -- glue_data.py: submission and download -----------------------------------------------------
 
 
 def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path, capsys):
@@ -860,7 +853,7 @@ def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path,
 
 def test_custom_task_predictions_are_written_with_their_label_strings(tmp_path, capsys):
     """A custom task's test predictions go to <task>.tsv in the zip; a split it lacks is an error."""
-    topic, sentiment = glue_data.load_task_set(str(_news_task_set(tmp_path)), tmp_path)
+    topic, sentiment = glue_data.load_task_set(str(news_task_set(tmp_path)), tmp_path)
     zip_path = glue_data.write_submission([topic, sentiment], {"topic/test": np.array([1])}, tmp_path / "out")
     with zipfile.ZipFile(zip_path) as archive:
         assert archive.namelist() == ["topic.tsv"]
@@ -871,7 +864,7 @@ def test_custom_task_predictions_are_written_with_their_label_strings(tmp_path, 
 
 
 @contextlib.contextmanager
-def _serve_on_localhost(files: dict[str, bytes], truncated: tuple[str, ...] = ()):
+def serve_on_localhost(files: dict[str, bytes], truncated: tuple[str, ...] = ()):
     """An HTTP server on 127.0.0.1 serving `files` by URL path; `truncated` ones stop halfway."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -895,7 +888,7 @@ def _serve_on_localhost(files: dict[str, bytes], truncated: tuple[str, ...] = ()
         server.server_close()
 
 
-def _glue_zip(folder: str) -> bytes:
+def glue_zip(folder: str) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for path in sorted((SMALL_GLUE / folder).iterdir()):
@@ -903,7 +896,7 @@ def _glue_zip(folder: str) -> bytes:
     return buffer.getvalue()
 
 
-def _mrpc_sources() -> dict[str, bytes]:
+def mrpc_sources() -> dict[str, bytes]:
     """The SentEval MSR Paraphrase files and dev ids that the shared MRPC files were built from."""
     def rows(split: str) -> list[str]:
         return (SMALL_GLUE / f"MRPC/{split}.tsv").read_text(encoding="utf-8").split("\n")[:-1]
@@ -915,7 +908,7 @@ def _mrpc_sources() -> dict[str, bytes]:
             "/glue/data/mrpc_dev_ids.tsv": "".join("\t".join(r.split("\t")[1:3]) + "\n" for r in dev[1:]).encode()}
 
 
-def _sha256_of(files: dict[str, bytes]) -> dict[str, str]:
+def sha256_of(files: dict[str, bytes]) -> dict[str, str]:
     """The checksums download_glue checks, for files the test serves itself."""
     return {path.lstrip("/"): hashlib.sha256(body).hexdigest() for path, body in files.items()}
 
@@ -923,11 +916,11 @@ def _sha256_of(files: dict[str, bytes]) -> dict[str, str]:
 def test_download_fetches_archives_builds_mrpc_and_skips_present_tasks(tmp_path, monkeypatch, capsys):
     """From a local server: CoLA unzips, MRPC is rebuilt byte for byte, AX lands in diagnostic/."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
-    files = {"/glue/data/CoLA.zip": _glue_zip("CoLA"),
-             "/glue/data/AX.tsv": (SMALL_GLUE / "diagnostic/diagnostic.tsv").read_bytes()} | _mrpc_sources()
-    with _serve_on_localhost(files) as base_url:
+    files = {"/glue/data/CoLA.zip": glue_zip("CoLA"),
+             "/glue/data/AX.tsv": (SMALL_GLUE / "diagnostic/diagnostic.tsv").read_bytes()} | mrpc_sources()
+    with serve_on_localhost(files) as base_url:
         glue_data.download_glue(tmp_path / "glue", ["CoLA", "MRPC", "AX"], base_url=base_url,
-                                checksums=_sha256_of(files))
+                                checksums=sha256_of(files))
         for relative in ["CoLA/train.tsv", "CoLA/dev.tsv", "CoLA/test.tsv", "MRPC/train.tsv", "MRPC/dev.tsv",
                          "MRPC/test.tsv", "diagnostic/diagnostic.tsv"]:
             assert (tmp_path / "glue" / relative).read_bytes() == (SMALL_GLUE / relative).read_bytes(), relative
@@ -942,8 +935,8 @@ def test_download_refuses_a_file_that_is_not_the_published_one(tmp_path, monkeyp
     nothing is installed, and the data folder the call created is gone again."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     assert glue_data.GLUE_SHA256["glue/data/CoLA.zip"] == \
-        "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff"  # REFERENCE.md, Transformers.jl
-    with _serve_on_localhost({"/glue/data/CoLA.zip": _glue_zip("CoLA")}) as base_url:
+        "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff"  # as Hugging Face datasets and Transformers.jl publish it
+    with serve_on_localhost({"/glue/data/CoLA.zip": glue_zip("CoLA")}) as base_url:
         with pytest.raises(OSError, match="not the published f212fcd8"):
             glue_data.download_glue(tmp_path / "glue", ["CoLA"], base_url=base_url)
     assert not (tmp_path / "glue").exists()
@@ -953,33 +946,33 @@ def test_download_refuses_a_file_that_is_not_the_published_one(tmp_path, monkeyp
 def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch, failure):
     """A broken connection, a 404 or a corrupt archive raises and leaves the data folder empty."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
-    body = b"not a zip file at all" if failure == "not a zip" else _glue_zip("RTE")
+    body = b"not a zip file at all" if failure == "not a zip" else glue_zip("RTE")
     files = {} if failure == "missing" else {"/glue/data/RTE.zip": body}
     truncated = ("/glue/data/RTE.zip",) if failure == "truncated" else ()
-    with _serve_on_localhost(files, truncated) as base_url:
+    with serve_on_localhost(files, truncated) as base_url:
         with pytest.raises(OSError, match="RTE.zip"):
             glue_data.download_glue(tmp_path / "glue", ["RTE"], base_url=base_url,
-                                    checksums=_sha256_of({"/glue/data/RTE.zip": body}))
+                                    checksums=sha256_of({"/glue/data/RTE.zip": body}))
     assert not (tmp_path / "glue").exists()  # the folder the download created is removed again
 
 
-# == scheduler.py: Eq. (3)-(7) worked by hand, frequencies, state, errors ==========================
+# -- scheduler.py: Eq. (3)-(7) worked by hand, frequencies, state, errors --------------------------
 
 HAND_SIZES = {"a": 400, "b": 100, "c": 25}
 
 
-def _hand_score(q: float, n: float, size: float, total_n: float, c: float = 2e-3) -> float:
+def hand_score(q: float, n: float, size: float, total_n: float, c: float = 2e-3) -> float:
     """Eq. (6)'s bracket written out from the paper, with log(max(sum n, e)) for sums below e."""
     return q + c * math.sqrt(math.log(max(total_n, math.e)) / n * size)
 
 
-def _assert_values(actual: dict[str, float], expected: dict[str, float]) -> None:
+def assert_values(actual: dict[str, float], expected: dict[str, float]) -> None:
     assert actual.keys() == expected.keys()
     for task in expected:
         assert actual[task] == pytest.approx(expected[task], rel=1e-12, abs=1e-15), task
 
 
-def _shares(sampler, steps: int, metrics: dict[str, float] | None = None) -> dict[str, float]:
+def shares_of(sampler, steps: int, metrics: dict[str, float] | None = None) -> dict[str, float]:
     if metrics is not None:
         sampler.update(metrics)
     counts = Counter()
@@ -1001,12 +994,12 @@ def test_eq4_eq5_eq6_worked_by_hand():
 
     # Steps 1-3: every n is 0 at first, so the unplayed tasks go first, largest first.
     assert [sched.choose() for _ in range(3)] == ["a", "b", "c"]
-    _assert_values(sched.discounted_counts, {"a": 0.81, "b": 0.9, "c": 1.0})
+    assert_values(sched.discounted_counts, {"a": 0.81, "b": 0.9, "c": 1.0})
     sched.update(probes[1])
     q = {"a": (0.9**3 * 0 + 0.02) / 1.0,  # n_a = 0.81 is floored at 1
          "b": (0.9**3 * 0 + 0.06) / 1.0,  # n_b = 0.9 is floored at 1
          "c": (0.9**3 * 0 + 0.00) / 1.0}
-    _assert_values(sched.q_values, q)
+    assert_values(sched.q_values, q)
 
     # Steps 4-9: n before each step, written out from Eq. (5), and the task Eq. (6) must pick.
     steps = [
@@ -1019,21 +1012,21 @@ def test_eq4_eq5_eq6_worked_by_hand():
     ]
     for index, (n, expected_task) in enumerate(steps):
         if index == 3:  # the probe after step 6
-            _assert_values(sched.discounted_counts, n)
+            assert_values(sched.discounted_counts, n)
             sched.update(probes[2])
             q = {"a": (0.9**3 * q["a"] + 0.01) / 1.59049,
                  "b": (0.9**3 * q["b"] + 0.01) / 2.3661,
                  "c": (0.9**3 * q["c"] + 0.04) / 1.0}  # n_c = 0.729 is floored at 1
-            _assert_values(sched.q_values, q)
-        _assert_values(sched.discounted_counts, n)
+            assert_values(sched.q_values, q)
+        assert_values(sched.discounted_counts, n)
         total_n = sum(n.values())
-        hand = {task: _hand_score(q[task], n[task], HAND_SIZES[task], total_n) for task in n}
-        _assert_values(sched.scores(), hand)
+        hand = {task: hand_score(q[task], n[task], HAND_SIZES[task], total_n) for task in n}
+        assert_values(sched.scores(), hand)
         assert max(hand, key=hand.get) == expected_task
         assert sched.choose() == expected_task
-    _assert_values(sched.discounted_counts, {"a": 2.96946721, "b": 1.7248869, "c": 1.431441})
+    assert_values(sched.discounted_counts, {"a": 2.96946721, "b": 1.7248869, "c": 1.431441})
     sched.update(probes[3])
-    _assert_values(sched.q_values, {"a": (0.9**3 * q["a"] + 0.02) / 2.96946721,
+    assert_values(sched.q_values, {"a": (0.9**3 * q["a"] + 0.02) / 2.96946721,
                                     "b": (0.9**3 * q["b"] + 0.00) / 1.7248869,
                                     "c": (0.9**3 * q["c"] + 0.01) / 1.431441})
 
@@ -1049,9 +1042,9 @@ def test_gap_reward_and_weighted_share_by_hand():
             sched.choose()  # a, b, c: n = 0.81, 0.9, 1.0, each floored at 1 in Eq. (4)
         sched.update(probes[1])
         results[reward, share] = sched.q_values
-    _assert_values(results["gap", "independent"], {"a": 1 - 0.52, "b": 1 - 0.56, "c": 1 - 0.50})
+    assert_values(results["gap", "independent"], {"a": 1 - 0.52, "b": 1 - 0.56, "c": 1 - 0.50})
     total_q = 0.02 + 0.06 + 0.0
-    _assert_values(results["diff", "weighted"], {"a": total_q * 400 / 525, "b": total_q * 100 / 525,
+    assert_values(results["diff", "weighted"], {"a": total_q * 400 / 525, "b": total_q * 100 / 525,
                                                  "c": total_q * 25 / 525})
 
 
@@ -1074,7 +1067,7 @@ def test_equal_q_gives_shares_proportional_to_size_power_alpha(alpha):
     """With constant metrics, each task's share of 10,000 steps is within 10% of w^alpha / sum w^alpha."""
     sizes = {"large": 1000, "medium": 300, "small": 100}
     sched = scheduler.DynamicTaskScheduler(sizes, interval=1000, gamma=0.99, alpha=alpha)
-    shares = _shares(sched, 10_000, metrics={"large": 0.6, "medium": 0.6, "small": 0.6})
+    shares = shares_of(sched, 10_000, metrics={"large": 0.6, "medium": 0.6, "small": 0.6})
     total = sum(size ** alpha for size in sizes.values())
     for task, size in sizes.items():
         assert shares[task] == pytest.approx(size ** alpha / total, rel=0.10), task
@@ -1083,7 +1076,7 @@ def test_equal_q_gives_shares_proportional_to_size_power_alpha(alpha):
 def test_tiny_share_is_inflated_by_discounting_as_documented():
     """A task with 0.1% of the data gets ln(1/gamma) / ln(1 + 1/(p S)) of the steps, not p (docstring)."""
     sizes = {"huge": 1000, "tiny": 1}
-    shares = _shares(scheduler.DynamicTaskScheduler(sizes, gamma=0.99), 20_000)
+    shares = shares_of(scheduler.DynamicTaskScheduler(sizes, gamma=0.99), 20_000)
     p, s = 1 / 1001, 1 / (1 - 0.99)
     assert shares["tiny"] == pytest.approx(math.log(1 / 0.99) / math.log(1 + 1 / (p * s)), rel=0.05)
     assert shares["tiny"] > 3 * p
@@ -1158,8 +1151,8 @@ def test_baseline_frequencies_match_their_formula(name, options, exponent):
     sampler.set_epoch(1 if exponent == 1.0 else 5, 5)  # only 'annealed' reacts: alpha 1 at epoch 1, 0.2 at 5
     total = sum(size ** exponent for size in sizes.values())
     expected = {task: size ** exponent / total for task, size in sizes.items()}
-    _assert_values(sampler.probabilities(), expected)
-    shares = _shares(sampler, 20_000)
+    assert_values(sampler.probabilities(), expected)
+    shares = shares_of(sampler, 20_000)
     for task in sizes:
         assert shares[task] == pytest.approx(expected[task], abs=0.012), task  # about 4 standard deviations
 
@@ -1223,7 +1216,7 @@ def test_readme_scheduler_snippet_runs():
     assert namespace["sampler"].steps == 900
 
 
-# == mtop.py: gradient stopping, one pass, the prompt settings, save/load ==========================
+# -- mtop.py: gradient stopping, one pass, the prompt settings, save/load --------------------------
 
 TASKS = [("cola", 2), ("mnli", 3), ("stsb", 1)]  # two classification tasks and one regression
 ONE_PASS_MODES = ["none", "concat", "stopgrad", "mtop"]
@@ -1583,7 +1576,7 @@ def test_unknown_active_task_raises_value_error():
         model.loss(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), "sst2")
 
 
-# == train.py: end to end on real GLUE files, resume, prediction, torchrun =========================
+# -- train.py: end to end, resume, prediction, torchrun -------------------------
 
 
 
@@ -1687,7 +1680,7 @@ def test_resume_with_other_settings_is_refused(tiny_model, token_cache, tmp_path
 
 def test_custom_task_set_trains_and_predicts_its_test_file(tiny_model, token_cache, tmp_path):
     """A JSON task set (two label columns of one file) trains end to end and writes <task>.tsv predictions."""
-    task_set = _news_task_set(tmp_path)
+    task_set = news_task_set(tmp_path)
     out = tmp_path / "run"
     train.main(run_args(tiny_model, token_cache, out, "--task-set", str(task_set), "--max-steps", "6",
                         "--interval", "3", "--batch-size", "2"))
@@ -1785,7 +1778,7 @@ def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
 
 # -- train.py: run state that must never run code, be lost, or hold a non-finite model -------------------
 
-class _Payload:
+class Payload:
     """Unpickling this object creates a file: proof that code ran."""
 
     def __init__(self, marker: Path):
@@ -1800,7 +1793,7 @@ def test_pickled_checkpoint_is_never_loaded(tiny_model, token_cache, tmp_path):
     and the payload never runs; train.py writes checkpoint.safetensors, whose header holds JSON, not pickle."""
     out, marker = tmp_path / "run", tmp_path / "pwned"
     out.mkdir()
-    torch.save({"model": _Payload(marker), "step": 1}, out / "checkpoint.pt")
+    torch.save({"model": Payload(marker), "step": 1}, out / "checkpoint.pt")
     common = ["--tasks", "RTE", "--max-steps", "2", "--sampler", "uniform", "--no-test"]
     for extra in (["--resume"], []):
         with pytest.raises(SystemExit, match="pickle file. It is not loaded"):
@@ -1922,14 +1915,14 @@ def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, to
 
 # -- bad input: every broken input gets one message that names it, a non-zero exit, no traceback --------
 
-def _world(root: Path, tiny_model: Path) -> dict:
+def make_world(root: Path, tiny_model: Path) -> dict:
     """A small valid run: a custom task set (a pair task and a regression task on one file, with a test
     file), a copy of the tiny model folder, and the flags that train on them."""
     rows = [["premise", "hypothesis", "label", "score"]] + [
         [f"sentence {i} about cats", f"claim {i} on dogs", ["yes", "no"][i % 2], f"{i % 5}.5"] for i in range(12)]
     for split in ("train", "dev"):
-        _write_tsv(root / f"data/{split}.tsv", rows)
-    _write_tsv(root / "data/test.tsv", [["premise", "hypothesis"], ["a cat", "a dog"]])
+        write_tsv(root / f"data/{split}.tsv", rows)
+    write_tsv(root / "data/test.tsv", [["premise", "hypothesis"], ["a cat", "a dog"]])
     spec = {"tasks": [
         {"name": "nli", "train": "data/train.tsv", "dev": "data/dev.tsv", "test": "data/test.tsv",
          "text": ["premise", "hypothesis"], "label": "label", "type": "classification"},
@@ -1943,24 +1936,24 @@ def _world(root: Path, tiny_model: Path) -> dict:
     return {"root": root, "spec": spec, "flags": flags}
 
 
-def _edit_json(path: Path, change) -> None:
+def edit_json(path: Path, change) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
 
 
-def _bad_flag(flag: str, value: str):
+def bad_flag(flag: str, value: str):
     return lambda w: (w["flags"] + [flag, value], flag)
 
 
-def _task_change(change, expected: str):
+def task_change(change, expected: str):
     def case(w):
-        _edit_json(w["root"] / "tasks.json", lambda spec: change(spec["tasks"]))
+        edit_json(w["root"] / "tasks.json", lambda spec: change(spec["tasks"]))
         return w["flags"], expected
     return case
 
 
-def _file_change(relative: str, content: bytes | str, expected: str):
+def file_change(relative: str, content: bytes | str, expected: str):
     def case(w):
         path = w["root"] / relative
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -1968,14 +1961,14 @@ def _file_change(relative: str, content: bytes | str, expected: str):
     return case
 
 
-def _model_change(change, expected: str):
+def model_change(change, expected: str):
     def case(w):
         change(w["root"] / "model")
         return w["flags"], expected
     return case
 
 
-def _predict(corpus: str | bytes | None, expected: str, extra=(), trained=True, edit=None):
+def predict_case(corpus: str | bytes | None, expected: str, extra=(), trained=True, edit=None):
     def case(w):
         path = w["root"] / ("corpus.tsv" if corpus is not None else "missing.tsv")
         if corpus is not None:
@@ -1989,10 +1982,10 @@ def _predict(corpus: str | bytes | None, expected: str, extra=(), trained=True, 
     return case
 
 
-_HEADER = "premise\thypothesis\tlabel\tscore\n"
+BAD_HEADER = "premise\thypothesis\tlabel\tscore\n"
 BAD_INPUTS = {
     # flags (argparse stops with exit status 2 and names the flag)
-    **{f"flag {f} {v}": _bad_flag(f, v) for f, v in [
+    **{f"flag {f} {v}": bad_flag(f, v) for f, v in [
         ("--batch-size", "0"), ("--batch-size", "-3"), ("--lr", "0"), ("--lr", "-1e-5"), ("--lr", "nan"),
         ("--lr", "inf"), ("--warmup", "1"), ("--warmup", "-0.1"), ("--interval", "0"), ("--epochs", "0"),
         ("--max-length", "0"), ("--gamma", "nan"), ("--c", "inf"), ("--max-grad-norm", "-1"),
@@ -2009,55 +2002,55 @@ BAD_INPUTS = {
     "flag --tasks unknown": lambda w: (w["flags"] + ["--tasks", "nli,nope"], "'nope'"),
     "flag --task-set missing": lambda w: (w["flags"] + ["--task-set", str(w["root"] / "none.json")], "none.json"),
     # the task set
-    "task set not JSON": _file_change("tasks.json", "{tasks: [", "tasks.json: not a valid JSON"),
-    "task set not an object": _file_change("tasks.json", "[1, 2]", "tasks.json: expected"),
-    "task set no tasks": _file_change("tasks.json", '{"tasks": []}', "tasks.json: expected"),
-    "task missing field": _task_change(lambda t: t[0].pop("label"), "missing field ['label']"),
-    "task unknown key": _task_change(lambda t: t[0].update(lable="x"), "unknown key ['lable']"),
-    "task bad type": _task_change(lambda t: t[0].update(type="ranking"), "'type' must be"),
-    "task bad metric": _task_change(lambda t: t[0].update(metric="bleu"), "metric ['bleu']"),
-    "task regression metric on classes": _task_change(lambda t: t[0].update(metric="pearson"), "metric ['pearson']"),
-    "task three texts": _task_change(lambda t: t[0].update(text=["a", "b", "c"]), "'text' must be"),
-    "task text is the label": _task_change(lambda t: t[0].update(label="premise"), "the columns must differ"),
-    "task name with a slash": _task_change(lambda t: t[0].update(name="a/b"), "'name' must be"),
-    "task name empty": _task_change(lambda t: t[0].update(name=""), "'name' must be"),
-    "task duplicate names": _task_change(lambda t: t[1].update(name="NLI"), "must be unique"),
-    "task labels on regression": _task_change(lambda t: t[1].update(labels=["a", "b"]), "'labels' is only"),
-    "task one label": _task_change(lambda t: t[0].update(labels=["yes"]), "'labels' must be"),
-    "task label not in labels": _task_change(lambda t: t[0].update(labels=["yes", "maybe"]), "label 'no' is not one of"),
-    "task missing train file": _task_change(lambda t: t[0].update(train="data/nothere.tsv"), "nothere.tsv"),
-    "task text column absent": _task_change(lambda t: t[0].update(text=["premise", "hypo"]), "no column 'hypo'"),
-    "task label column absent": _task_change(lambda t: t[1].update(label="scores"), "no column 'scores'"),
+    "task set not JSON": file_change("tasks.json", "{tasks: [", "tasks.json: not a valid JSON"),
+    "task set not an object": file_change("tasks.json", "[1, 2]", "tasks.json: expected"),
+    "task set no tasks": file_change("tasks.json", '{"tasks": []}', "tasks.json: expected"),
+    "task missing field": task_change(lambda t: t[0].pop("label"), "missing field ['label']"),
+    "task unknown key": task_change(lambda t: t[0].update(lable="x"), "unknown key ['lable']"),
+    "task bad type": task_change(lambda t: t[0].update(type="ranking"), "'type' must be"),
+    "task bad metric": task_change(lambda t: t[0].update(metric="bleu"), "metric ['bleu']"),
+    "task regression metric on classes": task_change(lambda t: t[0].update(metric="pearson"), "metric ['pearson']"),
+    "task three texts": task_change(lambda t: t[0].update(text=["a", "b", "c"]), "'text' must be"),
+    "task text is the label": task_change(lambda t: t[0].update(label="premise"), "the columns must differ"),
+    "task name with a slash": task_change(lambda t: t[0].update(name="a/b"), "'name' must be"),
+    "task name empty": task_change(lambda t: t[0].update(name=""), "'name' must be"),
+    "task duplicate names": task_change(lambda t: t[1].update(name="NLI"), "must be unique"),
+    "task labels on regression": task_change(lambda t: t[1].update(labels=["a", "b"]), "'labels' is only"),
+    "task one label": task_change(lambda t: t[0].update(labels=["yes"]), "'labels' must be"),
+    "task label not in labels": task_change(lambda t: t[0].update(labels=["yes", "maybe"]), "label 'no' is not one of"),
+    "task missing train file": task_change(lambda t: t[0].update(train="data/nothere.tsv"), "nothere.tsv"),
+    "task text column absent": task_change(lambda t: t[0].update(text=["premise", "hypo"]), "no column 'hypo'"),
+    "task label column absent": task_change(lambda t: t[1].update(label="scores"), "no column 'scores'"),
     # the files of every split
-    "train row with a missing column": _file_change("data/train.tsv", _HEADER + "a\tb\tyes\n", "{path}, line 2"),
-    "dev row with an extra column": _file_change("data/dev.tsv", _HEADER + "a\tb\tyes\t1\tx\n", "{path}, line 2"),
-    "dev header only": _file_change("data/dev.tsv", _HEADER, "{path}: no examples"),
-    "train empty file": _file_change("data/train.tsv", "", "{path}: the file is empty"),
-    "train not UTF-8": _file_change("data/train.tsv", _HEADER.encode() + b"caf\xe9\tb\tyes\t1\n", "{path}, line 2"),
-    "dev bad regression target": _file_change("data/dev.tsv", _HEADER + "a\tb\tyes\tlots\n", "'lots' is not a number"),
-    "dev unknown class": _file_change("data/dev.tsv", _HEADER + "a\tb\tmaybe\t1\n", "label 'maybe'"),
-    "test lacks a text column": _file_change("data/test.tsv", "premise\nа cat\n", "{path}: no column 'hypothesis'"),
-    "test not UTF-8": _file_change("data/test.tsv", b"premise\thypothesis\n\xff\xfe\tb\n", "{path}, line 2"),
-    "test header only": _file_change("data/test.tsv", "premise\thypothesis\n", "{path}: no examples"),
+    "train row with a missing column": file_change("data/train.tsv", BAD_HEADER + "a\tb\tyes\n", "{path}, line 2"),
+    "dev row with an extra column": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tyes\t1\tx\n", "{path}, line 2"),
+    "dev header only": file_change("data/dev.tsv", BAD_HEADER, "{path}: no examples"),
+    "train empty file": file_change("data/train.tsv", "", "{path}: the file is empty"),
+    "train not UTF-8": file_change("data/train.tsv", BAD_HEADER.encode() + b"caf\xe9\tb\tyes\t1\n", "{path}, line 2"),
+    "dev bad regression target": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tyes\tlots\n", "'lots' is not a number"),
+    "dev unknown class": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tmaybe\t1\n", "label 'maybe'"),
+    "test lacks a text column": file_change("data/test.tsv", "premise\nа cat\n", "{path}: no column 'hypothesis'"),
+    "test not UTF-8": file_change("data/test.tsv", b"premise\thypothesis\n\xff\xfe\tb\n", "{path}, line 2"),
+    "test header only": file_change("data/test.tsv", "premise\thypothesis\n", "{path}: no examples"),
     # the model folder
     "model folder missing": lambda w: (w["flags"] + ["--model", str(w["root"] / "nomodel")], "nomodel"),
-    "model without config.json": _model_change(lambda m: (m / "config.json").unlink(), "config.json"),
-    "model config not JSON": _model_change(lambda m: (m / "config.json").write_text("{"), "not valid JSON"),
-    "model config of another type": _model_change(
-        lambda m: _edit_json(m / "config.json", lambda c: c.update(model_type="gpt2")), "model_type 'gpt2'"),
-    "model config bad activation": _model_change(
-        lambda m: _edit_json(m / "config.json", lambda c: c.update(hidden_act="relu")), "hidden_act 'relu'"),
-    "model weights missing": _model_change(lambda m: (m / "model.safetensors").unlink(), "model.safetensors"),
-    "model weights truncated": _model_change(
+    "model without config.json": model_change(lambda m: (m / "config.json").unlink(), "config.json"),
+    "model config not JSON": model_change(lambda m: (m / "config.json").write_text("{"), "not valid JSON"),
+    "model config of another type": model_change(
+        lambda m: edit_json(m / "config.json", lambda c: c.update(model_type="gpt2")), "model_type 'gpt2'"),
+    "model config bad activation": model_change(
+        lambda m: edit_json(m / "config.json", lambda c: c.update(hidden_act="relu")), "hidden_act 'relu'"),
+    "model weights missing": model_change(lambda m: (m / "model.safetensors").unlink(), "model.safetensors"),
+    "model weights truncated": model_change(
         lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:1000]), "truncated"),
-    "model weights of another shape": _model_change(
-        lambda m: _edit_json(m / "config.json", lambda c: c.update(intermediate_size=96)), "wrong shapes"),
-    "model without a vocabulary": _model_change(lambda m: (m / "vocab.txt").unlink(), "neither tokenizer.json"),
-    "model vocabulary without [CLS]": _model_change(
+    "model weights of another shape": model_change(
+        lambda m: edit_json(m / "config.json", lambda c: c.update(intermediate_size=96)), "wrong shapes"),
+    "model without a vocabulary": model_change(lambda m: (m / "vocab.txt").unlink(), "neither tokenizer.json"),
+    "model vocabulary without [CLS]": model_change(
         lambda m: (m / "vocab.txt").write_text("[PAD]\nthe\n"), "no [CLS]"),
-    "model vocabulary larger than the table": _model_change(
+    "model vocabulary larger than the table": model_change(
         lambda m: (m / "vocab.txt").write_text((m / "vocab.txt").read_text() + "extra1\nextra2\n"), "30524 tokens"),
-    "model vocabulary much smaller": _model_change(
+    "model vocabulary much smaller": model_change(
         lambda m: (m / "vocab.txt").write_text("\n".join((m / "vocab.txt").read_text().split("\n")[:1000])), "1000 tokens"),
     # run state
     "run pickled checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.pt").write_bytes(b"x")
@@ -2067,26 +2060,26 @@ BAD_INPUTS = {
     "run another run's checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.safetensors")
                                                .write_bytes(b"\x00") and w["flags"], "exists: continue that run"),
     # corpus labelling
-    "predict corpus missing": _predict(None, "no such file {path}", trained=False),
-    "predict checkpoint missing": _predict("text\nA\n", "no such folder", trained=False),
-    "predict output is the input": lambda w: _predict("text\nA\n", "--predict-output {path} is the input file",
+    "predict corpus missing": predict_case(None, "no such file {path}", trained=False),
+    "predict checkpoint missing": predict_case("text\nA\n", "no such folder", trained=False),
+    "predict output is the input": lambda w: predict_case("text\nA\n", "--predict-output {path} is the input file",
                                                       extra=("--predict-output", str(w["root"] / "corpus.tsv")))(w),
-    "predict output folder missing": lambda w: _predict("text\nA\n", "does not exist",
+    "predict output folder missing": lambda w: predict_case("text\nA\n", "does not exist",
                                                         extra=("--predict-output", str(w["root"] / "no/out.jsonl")))(w),
-    "predict corpus not UTF-8": _predict(b"text\n\xff\xfe\n", "not UTF-8"),
-    "predict corpus empty": _predict("", "{path}: empty"),
-    "predict corpus column absent": _predict("title\nA\n", "{path}:1: no column 'text'", extra=("--text-columns", "text")),
-    "predict corpus row too long": _predict("text\nA\tB\n", "{path}:2: 2 columns"),
-    "predict jsonl broken line": lambda w: _jsonl_case(w),
-    "predict mtop.json without fields": _predict("text\nA\n", "missing field", edit=lambda b: _edit_json(
+    "predict corpus not UTF-8": predict_case(b"text\n\xff\xfe\n", "not UTF-8"),
+    "predict corpus empty": predict_case("", "{path}: empty"),
+    "predict corpus column absent": predict_case("title\nA\n", "{path}:1: no column 'text'", extra=("--text-columns", "text")),
+    "predict corpus row too long": predict_case("text\nA\tB\n", "{path}:2: 2 columns"),
+    "predict jsonl broken line": lambda w: jsonl_case(w),
+    "predict mtop.json without fields": predict_case("text\nA\n", "missing field", edit=lambda b: edit_json(
         b / "mtop.json", lambda s: s.pop("tasks"))),
-    "predict mtop.json not JSON": _predict("text\nA\n", "not valid JSON", edit=lambda b: (b / "mtop.json").write_text("{")),
-    "predict weights missing": _predict("text\nA\n", "no weights file", edit=lambda b: (b / "model.safetensors").unlink()),
-    "predict --device cuda without CUDA": _predict("text\nA\n", "--device cuda", extra=("--device", "cuda")),
+    "predict mtop.json not JSON": predict_case("text\nA\n", "not valid JSON", edit=lambda b: (b / "mtop.json").write_text("{")),
+    "predict weights missing": predict_case("text\nA\n", "no weights file", edit=lambda b: (b / "model.safetensors").unlink()),
+    "predict --device cuda without CUDA": predict_case("text\nA\n", "--device cuda", extra=("--device", "cuda")),
 }
 
 
-def _jsonl_case(w):
+def jsonl_case(w):
     path = w["root"] / "corpus.jsonl"
     path.write_text('{"text": "a"}\n{"text": \n')
     shutil.copytree(w["trained"], w["root"] / "best")
@@ -2097,7 +2090,7 @@ def _jsonl_case(w):
 def trained_folder(tiny_model, tmp_path_factory) -> Path:
     """A best/ folder trained for two steps on the small task set, for the labelling cases."""
     root = tmp_path_factory.mktemp("trained")
-    world = _world(root, tiny_model)
+    world = make_world(root, tiny_model)
     train.main(world["flags"])
     return root / "run" / "best"
 
@@ -2112,7 +2105,7 @@ def test_bad_input_suite_is_large_enough():
 def test_bad_input_gets_one_clear_message(name, tiny_model, trained_folder, tmp_path, capsys):
     """train.py stops with a non-zero exit and one message naming the file, line, key or flag, with no
     traceback (nothing but SystemExit escapes), and changes no input file."""
-    world = _world(tmp_path, tiny_model) | {"trained": trained_folder}
+    world = make_world(tmp_path, tiny_model) | {"trained": trained_folder}
     argv, expected = BAD_INPUTS[name](world)
     inputs = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts
               and "cache" not in p.parts}
@@ -2133,26 +2126,26 @@ def test_bad_input_gets_one_clear_message(name, tiny_model, trained_folder, tmp_
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_CELLS = st.one_of(st.text(alphabet=list("ab ,\t\"'\\n\r\x00é€"), max_size=12), st.sampled_from(["yes", "no", "1.5", "nan", ""]))
-_ROWS = st.lists(st.lists(_CELLS, min_size=0, max_size=5), max_size=8)
-_PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+RANDOM_CELLS = st.one_of(st.text(alphabet=list("ab ,\t\"'\\n\r\x00é€"), max_size=12), st.sampled_from(["yes", "no", "1.5", "nan", ""]))
+RANDOM_ROWS = st.lists(st.lists(RANDOM_CELLS, min_size=0, max_size=5), max_size=8)
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _custom_task(folder: Path, suffix: str, kind: str = "classification") -> glue_data.Task:
+def custom_task(folder: Path, suffix: str, kind: str = "classification") -> glue_data.Task:
     return glue_data.Task("t", kind, ("yes", "no") if kind == "classification" else None,
                           ("accuracy",) if kind == "classification" else ("pearson",),
                           (("train", str(folder / f"train{suffix}")),), ("a", "b"), "label")
 
 
-@_PROPERTY
-@given(content=st.one_of(st.binary(max_size=200), _ROWS.map(
+@PROPERTY_SETTINGS
+@given(content=st.one_of(st.binary(max_size=200), RANDOM_ROWS.map(
     lambda rows: "\n".join("\t".join(r) for r in [["a", "b", "label"]] + rows).encode())),
        suffix=st.sampled_from([".tsv", ".csv"]), kind=st.sampled_from(["classification", "regression"]))
 def test_table_reader_gives_rows_or_a_clear_error(content, suffix, kind):
     """load_split on any bytes (and on random rows under a valid header) returns examples whose fields
     line up, or raises ValueError naming the file: never another exception."""
     with tempfile.TemporaryDirectory() as folder:
-        task = _custom_task(Path(folder), suffix, kind)
+        task = custom_task(Path(folder), suffix, kind)
         (Path(folder) / f"train{suffix}").write_bytes(content)
         try:
             examples = glue_data.load_split(task, "train", folder)
@@ -2164,15 +2157,15 @@ def test_table_reader_gives_rows_or_a_clear_error(content, suffix, kind):
             assert np.isfinite(examples.labels).all()
 
 
-_JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                         max_size=4), max_leaves=12)
-_TASK_KEYS = st.sampled_from(["name", "train", "dev", "test", "text", "label", "type", "labels", "metric",
+TASK_KEYS = st.sampled_from(["name", "train", "dev", "test", "text", "label", "type", "labels", "metric",
                               "missing", "other"])
 
 
-@_PROPERTY
-@given(tasks=st.lists(st.dictionaries(_TASK_KEYS, _JSON_VALUES | st.sampled_from(
+@PROPERTY_SETTINGS
+@given(tasks=st.lists(st.dictionaries(TASK_KEYS, JSON_VALUES | st.sampled_from(
     ["train.tsv", "classification", "regression", "a", ["a", "b"], "label"]), max_size=10), max_size=3),
        raw=st.one_of(st.none(), st.binary(max_size=60)))
 def test_task_set_loader_gives_tasks_or_a_clear_error(tasks, raw):
@@ -2190,8 +2183,8 @@ def test_task_set_loader_gives_tasks_or_a_clear_error(tasks, raw):
         assert all(isinstance(t, glue_data.Task) for t in loaded)
 
 
-@_PROPERTY
-@given(content=st.one_of(st.binary(max_size=200), _ROWS.map(
+@PROPERTY_SETTINGS
+@given(content=st.one_of(st.binary(max_size=200), RANDOM_ROWS.map(
     lambda rows: "\n".join("\t".join(r) for r in [["text"]] + rows).encode())),
        suffix=st.sampled_from([".tsv", ".jsonl"]), columns=st.sampled_from([[], ["text"], ["text", "b"]]))
 def test_corpus_reader_gives_rows_or_a_clear_error(content, suffix, columns):
@@ -2211,7 +2204,7 @@ def test_corpus_reader_gives_rows_or_a_clear_error(content, suffix, columns):
 
 # -- faults: a kill in the middle of writing leaves the last complete state --------------------------------
 
-_DIE_DURING = '''
+DIE_DURING = '''
 import os, sys
 sys.path.insert(0, {root!r})
 import train
@@ -2231,13 +2224,13 @@ train.main(sys.argv[1:])
 '''
 
 
-def _run_dying(target: str, which: int, half_write: str, argv: list[str]) -> subprocess.CompletedProcess:
-    code = _DIE_DURING.format(root=str(ROOT), target=target, which=which, half_write=half_write)
+def run_dying(target: str, which: int, half_write: str, argv: list[str]) -> subprocess.CompletedProcess:
+    code = DIE_DURING.format(root=str(ROOT), target=target, which=which, half_write=half_write)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
 
 
-def _run_plain(argv: list[str]) -> subprocess.CompletedProcess:
+def run_plain(argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -2248,16 +2241,16 @@ def _run_plain(argv: list[str]) -> subprocess.CompletedProcess:
 def test_kill_during_a_checkpoint_write_then_resume_matches_an_unbroken_run(tiny_model, tmp_path):
     """A process killed halfway through writing its second checkpoint leaves the first one whole; --resume
     from it ends with weights bitwise equal to a run that was never interrupted."""
-    world = _world(tmp_path / "w", tiny_model)
+    world = make_world(tmp_path / "w", tiny_model)
     flags = [f for f in world["flags"]]
     flags[flags.index("--max-steps") + 1] = "12"
     unbroken = flags + ["--output-dir", str(tmp_path / "unbroken"), "--save-every", "4"]
     broken = flags + ["--output-dir", str(tmp_path / "broken"), "--save-every", "4"]
-    _run_plain(unbroken)
-    died = _run_dying("train.save_file", 2, "open(args[1], 'wb').write(b'\\\\0' * 4096)", broken)
+    run_plain(unbroken)
+    died = run_dying("train.save_file", 2, "open(args[1], 'wb').write(b'\\\\0' * 4096)", broken)
     assert died.returncode == 9, died.stderr[-2000:]
     assert train.load_checkpoint(tmp_path / "broken" / train.CHECKPOINT)["step"] == 4  # the last whole one
-    _run_plain(broken + ["--resume"])
+    run_plain(broken + ["--resume"])
     a = train.load_checkpoint(tmp_path / "unbroken" / train.CHECKPOINT)
     b = train.load_checkpoint(tmp_path / "broken" / train.CHECKPOINT)
     assert a["step"] == b["step"] == 12 and a["history"] == b["history"]
@@ -2273,16 +2266,16 @@ def test_kill_during_predict_leaves_the_previous_output_whole(tiny_model, traine
     target = tmp_path / "out.jsonl"
     argv = ["--predict", str(corpus), "--checkpoint", str(trained_folder), "--predict-output", str(target),
             "--predict-chunk", "10"]
-    died = _run_dying("train.Labeller.__call__", 3, "pass", argv)
+    died = run_dying("train.Labeller.__call__", 3, "pass", argv)
     assert died.returncode == 9 and not target.exists()
-    _run_plain(argv)
+    run_plain(argv)
     whole = target.read_text()
     assert len(whole.splitlines()) == 50
-    died = _run_dying("train.Labeller.__call__", 3, "pass", argv)
+    died = run_dying("train.Labeller.__call__", 3, "pass", argv)
     assert died.returncode == 9 and target.read_text() == whole
 
 
-def _readme_block(containing: str) -> str:
+def readme_block(containing: str) -> str:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     found = [b for b in blocks if containing in b]
     assert len(found) == 1, f"README.md should have one python block with {containing!r}"
@@ -2292,7 +2285,7 @@ def _readme_block(containing: str) -> str:
 @pytest.mark.parametrize("name", ["dts", "proportional", "uniform", "annealed", "temperature"])
 def test_readme_scheduler_example_runs_as_written(name):
     """README's scheduler loop runs as written, and with any sampler put in its make_sampler line."""
-    code = _readme_block("import scheduler")
+    code = readme_block("import scheduler")
     if name != "dts":
         code = code.replace('scheduler.make_sampler("dts", sizes, interval=100)', f'scheduler.make_sampler("{name}", sizes)')
     namespace = {}
@@ -2306,7 +2299,7 @@ def test_readme_labelling_example_runs_as_written(trained_folder, tmp_path, monk
     shutil.copytree(trained_folder, tmp_path / "runs" / "mtop" / "best")
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(_readme_block("Labeller"), "README.md", "exec"), namespace)
+    exec(compile(readme_block("Labeller"), "README.md", "exec"), namespace)
     assert len(namespace["rows"]) == 2 and set(namespace["rows"][0]) == {"nli", "sim"}
     assert namespace["rows"][0]["nli"] in ("no", "yes") and isinstance(namespace["rows"][0]["sim"], float)
     assert len(namespace["pairs"]) == 1

@@ -4,8 +4,10 @@
 
 RESULTS.md is experiments/RESULTS.template.md with every {{name}} filled in: {{table:<plan>}} is the
 results table of a plan (mean and standard deviation over seeds of each task's dev score), {{diag:...}} the
-diagnosis tables, and every other {{key}} one number computed here (the list: --keys). A key the template
-names but the JSON files do not give stops the script: no number in RESULTS.md is typed by hand.
+diagnosis tables, and every other {{key}} one number computed here (the list: --keys). The numbers come
+from the JSON files; only the majority-class row and the steps of one pass are read from the GLUE files
+(--glue). A key the template names but the files do not give stops the script: no number in
+RESULTS.md is typed by hand.
 """
 
 import argparse
@@ -68,7 +70,13 @@ def majority_levels(glue: Path, tasks: list[str]) -> dict[str, float]:
     return levels
 
 
-def plan_table(plan: str, values: dict, majority: dict[str, float] | None) -> str:
+def flag(flags: list[str], name: str) -> str:
+    """The last value of --name in a run's flags."""
+    found = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
+    return found[-1] if found else ""
+
+
+def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue: Path | None) -> str:
     runs = load(plan)
     if not runs:
         raise SystemExit(f"no results for plan {plan!r} in {RESULTS / plan}")
@@ -93,6 +101,13 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None) -> st
         minutes = np.mean([r["wall_seconds"] for r in results]) / 60
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {len(results)} | {minutes:.1f} |")
         values[f"{plan}.{name}.seeds"] = str(len(results))
+    first_flags = next(iter(runs.values()))[0]["flags"]
+    first_flags = first_flags[0] if isinstance(first_flags[0], list) else first_flags  # single-task: a list per task
+    values[f"{plan}.steps"] = flag(first_flags, "--max-steps")
+    if glue is not None:  # one pass over the (capped) training sets, in steps of the batch size
+        cap = int(flag(first_flags, "--max-train-examples") or 0)
+        rows = [len(glue_data.load_split(glue_data.GLUE_TASKS[t], "train", glue)) for t in tasks]
+        values[f"{plan}.epoch_steps"] = f"{sum(min(r, cap) if cap else r for r in rows) // 16:,}"
     values[f"{plan}.runs"] = str(sum(len(r) for r in runs.values()))
     values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for rs in runs.values() for r in rs) / 3600:.1f}"
     first = next(iter(runs.values()))[0]
@@ -166,6 +181,10 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
             values[f"{k}.feature_variation"] = f"{p['feature_variation']:.2f}"
             values[f"{k}.dev"] = f"{100 * p['dev']:.1f}"
             values[f"{k}.step"] = str(p["step"])
+            window = r["points"][max(index, 1) if index >= 0 else index]["grad_norm"]
+            for group in ("task_prompts", "heads", "encoder"):
+                if window[group] is not None:
+                    values[f"{k}.grad_{group}"] = f"{window[group]:.1g}"
             if "slot_cosine" in p:
                 values[f"{k}.slot_cosine"] = f"{p['slot_cosine']:.2f}"
                 values[f"{k}.text_to_prompts"] = f"{np.mean(p['attention_text_to_prompts']):.2f}"
@@ -237,11 +256,12 @@ def main() -> None:
     template = Path(options.template).read_text(encoding="utf-8")
     values: dict[str, str] = {}
     tables: dict[str, str] = {}
-    majority = majority_levels(Path(options.glue), TASK_ORDER) if Path(options.glue).is_dir() else None
+    glue = Path(options.glue) if Path(options.glue).is_dir() else None
+    majority = majority_levels(glue, TASK_ORDER) if glue else None
     for name in sorted(set(re.findall(r"\{\{(\w+):([\w.-]+)(?::\w+)?\}\}", template))):
         kind, arg = name
         if kind == "table":
-            tables[f"table:{arg}"] = plan_table(arg, values, majority)
+            tables[f"table:{arg}"] = plan_table(arg, values, majority, glue)
         elif kind == "curves":
             tables[f"curves:{arg}"] = curves(arg, values)
         elif kind == "diag":

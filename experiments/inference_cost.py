@@ -1,6 +1,6 @@
 """Inference cost of each compared method: label every dev text of the task mix with all of its tasks.
 
-    python experiments/inference_cost.py --glue ../shared/glue --model MINILM --out experiments/results/inference
+    python experiments/inference_cost.py --glue GLUE_DIR --model MINILM --out experiments/results/inference
 
 The methods of the results table, as models of the same architecture (the cost does not depend on the
 trained values): single-task (one [CLS] model per task: N passes), MT-DNN (mode none: one pass), prompt

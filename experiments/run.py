@@ -1,6 +1,6 @@
 """Run a plan of train.py configurations x seeds, as a user would, one JSON result per run.
 
-    python experiments/run.py experiments/plans/ablation.json --glue ../shared/glue --model MINILM --jobs 2
+    python experiments/run.py experiments/plans/ablation-mix.json --glue GLUE_DIR --model MINILM --jobs 2
     python experiments/run.py PLAN --glue DIR --model DIR --dry-run      # list what would run
     python experiments/aggregate.py                                       # RESULTS.md from the JSON files
 
