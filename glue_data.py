@@ -387,7 +387,12 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     tokenizer built from vocab.txt (ELECTRA and BERT-uncased use the same recipe)."""
     model_dir = Path(model_dir)
     if (model_dir / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as error:  # the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"{model_dir / 'tokenizer.json'}: not a tokenizer file the tokenizers library "
+                             f"can read ({error}); give the model's own tokenizer.json, or delete it to "
+                             "use vocab.txt") from None
     elif (model_dir / "vocab.txt").is_file():
         lines = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
         vocab = {token: index for index, token in enumerate(lines[:-1] if lines[-1] == "" else lines)}

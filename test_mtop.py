@@ -5,6 +5,7 @@ scipy (metrics), the official GLUE row counts. Run with `python -m pytest -q`.
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import http.server
@@ -2046,6 +2047,8 @@ BAD_INPUTS = {
     "model weights of another shape": model_change(
         lambda m: edit_json(m / "config.json", lambda c: c.update(intermediate_size=96)), "wrong shapes"),
     "model without a vocabulary": model_change(lambda m: (m / "vocab.txt").unlink(), "neither tokenizer.json"),
+    "model tokenizer.json broken": model_change(
+        lambda m: (m / "tokenizer.json").write_text("{not json"), "tokenizer.json: not a tokenizer file"),
     "model vocabulary without [CLS]": model_change(
         lambda m: (m / "vocab.txt").write_text("[PAD]\nthe\n"), "no [CLS]"),
     "model vocabulary larger than the table": model_change(
@@ -2095,10 +2098,12 @@ def trained_folder(tiny_model, tmp_path_factory) -> Path:
     return root / "run" / "best"
 
 
-def test_bad_input_suite_is_large_enough():
-    """The suite below covers at least 60 distinct broken inputs."""
+def test_bad_input_suite_is_large_enough_and_counted_in_readme():
+    """The suite below covers at least 60 distinct broken inputs, as many as README.md's Reliability says."""
     print(f"bad-input suite: {len(BAD_INPUTS)} broken inputs")
     assert len(BAD_INPUTS) >= 60
+    stated = re.search(r"The tests try (\d+) distinct broken inputs", (ROOT / "README.md").read_text())
+    assert stated and int(stated.group(1)) == len(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
@@ -2303,3 +2308,52 @@ def test_readme_labelling_example_runs_as_written(trained_folder, tmp_path, monk
     assert len(namespace["rows"]) == 2 and set(namespace["rows"][0]) == {"nli", "sim"}
     assert namespace["rows"][0]["nli"] in ("no", "yes") and isinstance(namespace["rows"][0]["sim"], float)
     assert len(namespace["pairs"]) == 1
+
+
+def test_the_six_files_keep_their_layering():
+    """Lower files never import higher ones: electra and scheduler import no project file, glue_data and
+    mtop only electra, and nothing imports train or the tests."""
+    import ast
+    project = {"electra", "glue_data", "mtop", "scheduler", "train", "test_mtop"}
+    allowed = {"electra": set(), "scheduler": set(), "glue_data": {"electra"}, "mtop": {"electra"},
+               "train": {"electra", "glue_data", "mtop", "scheduler"}}
+    for name, may in allowed.items():
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                                if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported & project <= may, (name, imported & project)
+
+
+def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(tiny_model, token_cache, tmp_path,
+                                                                               monkeypatch):
+    """A write that fails for lack of space ends the run with one message that says so; the previous
+    checkpoint is whole and a later --resume continues from it."""
+    out = tmp_path / "run"
+    common = ["--tasks", "RTE", "--max-steps", "6", "--sampler", "uniform", "--no-test", "--save-every", "2"]
+    train.main(run_args(tiny_model, token_cache, out, *common, "--stop-after", "2"))
+    real = train.save_file
+
+    def no_space(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train, "save_file", no_space)
+    with pytest.raises(SystemExit, match="no space left on the device while writing .*checkpoint.safetensors"):
+        train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))
+    assert train.load_checkpoint(out / train.CHECKPOINT)["step"] == 2
+    assert not list(out.glob(".checkpoint*"))  # no temporary file left behind
+    monkeypatch.setattr(train, "save_file", real)
+    assert train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))["step"] == 6
+
+
+def test_a_custom_task_named_like_a_glue_split_trains_and_predicts(tiny_model, token_cache, tmp_path):
+    """A custom task called AX (GLUE's diagnostic set has that name) gets its own AX.tsv, not MNLI's."""
+    task_set = news_task_set(tmp_path)
+    edit_json(task_set, lambda spec: spec["tasks"][0].update(name="AX"))
+    out = tmp_path / "run"
+    train.main(run_args(tiny_model, token_cache, out, "--task-set", str(task_set), "--max-steps", "4",
+                        "--interval", "2", "--batch-size", "2"))
+    with zipfile.ZipFile(out / "submission" / "test_predictions.zip") as z:
+        assert z.namelist() == ["AX.tsv"]
+        assert z.read("AX.tsv").decode().splitlines()[1].split("\t")[1] in ("world", "sports")
