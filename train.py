@@ -5,12 +5,14 @@
     python train.py --predict corpus.tsv --checkpoint runs/mtop/best   # all tasks, one pass per batch
     torchrun --nproc_per_node=2 train.py --task-set glue           # data parallel (NCCL or gloo)
 
-Read it top to bottom: arguments, data, model, the training loop (Algorithm 1: one task per step,
-chosen by the scheduler; probe metrics every I steps), evaluation and checkpoints, test predictions,
-then prediction on a corpus. Paper map:
+Read it top to bottom: arguments; data; evaluation; checkpoints (safetensors, no pickle); the checks
+every input passes before any work; set-up, optimizer and sampler; one training step (train_step);
+the training loop (train: Algorithm 1, one task per step chosen by the sampler, probes every I steps);
+test predictions; labelling a corpus (Labeller, from Python, and --predict). Paper map:
     Algorithm 1 (probe every I steps, then choose a task per step) -> train()
+    Algorithm 1, line 14 (train on task A_t for one step)          -> train_step()
     Eq. (7) epoch-dependent alpha                                  -> sampler.set_epoch in train()
-    Table 1 leaderboard files                                      -> write_test_predictions()
+    Table 1 leaderboard files and average                          -> write_test_predictions(), evaluate()
 References: MTOP (section 4.1 hyperparameters); google-research/electra (fine-tuning recipe).
 """
 
@@ -704,9 +706,15 @@ def train(args: argparse.Namespace) -> dict:
         # Algorithm 1, lines 7-9: probe the metrics every I steps (and once before training) and
         # update Q by Eq. (4).
         if args.sampler == "dts" and step % args.interval == 0:
+            probe_start = time.perf_counter()
+            if invocation_steps == 0:
+                log(f"probing {sum(len(data[t.name]['probe'][1]) for t in tasks)} rows for the scheduler's "
+                    "metrics (every --interval steps)", rank)
             metrics = broadcast(probe(model, tasks, data, args) if rank == 0 else None, world)
             sampler.update(metrics)
             records.write(event="probe", step=step, metrics=metrics, scheduler=sampler.state_dict())
+            log(f"probe at step {step}: " + " | ".join(f"{n} {100 * m:.1f}" for n, m in metrics.items())
+                + f" [{time.perf_counter() - probe_start:.0f}s]", rank)
         epoch = 1 + step // steps_per_epoch
         sampler.set_epoch(epoch, epochs)  # alpha of Eq. (7)
         task = sampler.choose()  # Eq. (6), and n of Eq. (5)
@@ -738,6 +746,8 @@ def train(args: argparse.Namespace) -> dict:
                 f"{seen / train_seconds:.1f} train ex/s | ETA {eta / 60:.1f} min", rank)
         if step % eval_every == 0 or step == total_steps:
             if rank == 0:
+                log(f"evaluating at step {step} on {sum(len(e) for t in tasks for e in data[t.name]['dev'].values())} "
+                    "dev rows", rank)
                 result = evaluate(model, tasks, data, args)
                 records.write(event="eval", step=step, **result)
                 log(f"dev at step {step}: average {100 * result['average']:.2f} (Table 1's: "

@@ -202,6 +202,10 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
         tables[f"diag:{folder}:{which}"] = "\n".join(lines)
         values[f"{folder}.{which}.step"] = str(results[0]["points"][index]["step"])
     # Over training: feature variation and dev score at every measurement.
+    for r in results:
+        for p in r["points"]:
+            values[f"{folder}.{key(r)}.step{p['step']}.dev"] = f"{100 * p['dev']:.0f}"
+            values[f"{folder}.{key(r)}.step{p['step']}.feature_variation"] = f"{p['feature_variation']:.2f}"
     steps = [p["step"] for p in results[0]["points"]]
     lines = ["| prompts | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for r in results:
