@@ -33,16 +33,43 @@ LABELS = {  # how the runs are named in the tables
 }
 
 
+DTS_ONLY = {"interval", "probe_size", "gamma", "c", "reward", "share", "fixed_alpha"}
+
+
+def same_config(expected: list[str], ran: list[str]) -> bool:
+    """Whether a run made for another plan ran this plan's configuration: train.py's parsed arguments
+    agree except the seed, the folders, and the scheduler's own flags when the sampler is not DTS
+    (nothing else reads them). {glue} and {model} are filled with the folders the run used."""
+    import train  # here, not at the top: it imports torch, which the rest of this script does not need
+    ran_args = vars(train.parse_args(ran))
+    fill = {"glue": ran_args["data_dir"], "model": ran_args["model"]}
+    want = vars(train.parse_args([f.format(**fill) for f in expected]))
+    ignore = {"seed", "no_test", "output_dir", "resume"} | (DTS_ONLY if want["sampler"] != "dts" else set())
+    return all(want[k] == ran_args[k] for k in want if k not in ignore)
+
+
 def load(plan: str) -> dict[str, list[dict]]:
-    """{run name: [result of each seed]} in the plan's order."""
+    """{run name: [result of each seed]} in the plan's order. A run of the plan with "same_as":
+    "<plan>/<run>" takes that run's results, after checking it ran the same configuration."""
     runs: dict[str, list[dict]] = {}
     for path in sorted((RESULTS / plan).glob("*.json"), key=lambda p: (p.stem.rsplit("-seed", 1)[0], p.stem)):
         result = json.loads(path.read_text())
         runs.setdefault(result["run"], []).append(result)
     plan_file = ROOT / "experiments" / "plans" / f"{plan}.json"
     if plan_file.exists():
-        order = [r["name"] for r in json.loads(plan_file.read_text())["runs"]]
-        runs = {name: runs[name] for name in order if name in runs}
+        spec = json.loads(plan_file.read_text())
+        for run in spec["runs"]:
+            if "same_as" not in run:
+                continue
+            other_plan, other_run = run["same_as"].split("/")
+            borrowed = load(other_plan).get(other_run, [])
+            expected = spec["common"] + run.get("flags", [])
+            for result in borrowed:
+                if not same_config(expected, result["flags"]):
+                    raise SystemExit(f"{plan_file}: run {run['name']!r} says it is {run['same_as']}, but "
+                                     f"{other_plan}/{other_run}-seed{result['seed']} ran other flags")
+            runs[run["name"]] = borrowed
+        runs = {r["name"]: runs[r["name"]] for r in spec["runs"] if runs.get(r["name"])}
     return runs
 
 

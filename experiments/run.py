@@ -21,6 +21,9 @@ be stopped at any moment and started again: an unfinished run continues from its
 share of --max-steps that proportional sampling would give it (its training rows over all rows), with
 one evaluation at its end; the JSON holds every task's score from its own model.
 
+"same_as": "<plan>/<run>": this configuration is already run by another plan; nothing is trained and
+aggregate.py takes that run's results, after checking that its flags are this run's flags.
+
 --jobs N runs N trainings side by side, each with (CPU cores / N) threads; on a GPU several small
 models fit side by side too.
 """
@@ -179,6 +182,10 @@ def main() -> None:
             if options.runs and run["name"] not in options.runs.split(","):
                 continue
             if options.seeds and str(seed) not in options.seeds.split(","):
+                continue
+            if "same_as" in run:
+                if seed == plan["seeds"][0]:
+                    print(f"{run['name']}: the runs of {run['same_as']}", flush=True)
                 continue
             path = results / f"{run['name']}-seed{seed}.json"
             if not path.exists():
