@@ -30,6 +30,10 @@ LABELS = {  # how the runs are named in the tables
     "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)", "stopgrad": "stopgrad (Fig. 1c)",
     "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
     "mtop-dts-heldout": "MTOP, DTS, probes on held-out train",
+    "after-norm.vocab-pos0": "MTOP, prompts start as tokens at position 0 (`vocab-pos0`, first version)",
+    "after-norm.vocab": "MTOP, prompts start as tokens without a position (`vocab`, default)",
+    "after-norm.random": "MTOP, random prompts (`random`)", "input.vocab": "MTOP, `--prompt-entry input`",
+    "input-positions.vocab": "MTOP, `--prompt-entry input-positions`", "after-norm.vocab.S8": "MTOP, S = 8",
 }
 
 
@@ -119,6 +123,9 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
             scores = [r["final"]["scores"][task] for r in results]
             cells.append(fmt(scores))
             values[f"{plan}.{name}.{task}"] = f"{100 * np.mean(scores):.1f}"
+            values[f"{plan}.{name}.{task}.min"] = f"{100 * min(scores):.1f}"
+            values[f"{plan}.{name}.{task}.max"] = f"{100 * max(scores):.1f}"
+            values[f"{plan}.{name}.{task}.steps"] = f"{np.mean([r['task_steps'].get(task, 0) for r in results]):.0f}"
         for key in ("average", "paper_average"):
             scores = [r["final"][key] for r in results]
             cells.append(fmt(scores))
@@ -128,6 +135,10 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
         minutes = np.mean([r["wall_seconds"] for r in results]) / 60
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {len(results)} | {minutes:.1f} |")
         values[f"{plan}.{name}.seeds"] = str(len(results))
+    for name, results in runs.items():  # differences of the GLUE averages' means, for the prose
+        for other, other_results in runs.items():
+            gap = np.mean([r["final"]["average"] for r in results]) - np.mean([r["final"]["average"] for r in other_results])
+            values[f"{plan}.{name}.minus.{other}"] = f"{100 * gap:.1f}"
     first_flags = next(iter(runs.values()))[0]["flags"]
     first_flags = first_flags[0] if isinstance(first_flags[0], list) else first_flags  # single-task: a list per task
     values[f"{plan}.steps"] = flag(first_flags, "--max-steps")
@@ -146,6 +157,8 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
 def curves(plan: str, values: dict) -> str:
     """Dev average against step, mean over seeds: a table and figures/<plan>.png."""
     runs = load(plan)
+    if not runs:
+        raise SystemExit(f"no results for plan {plan!r} in {RESULTS / plan}")
     steps = sorted({e["step"] for results in runs.values() for r in results for e in r["evals"]})
     lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     series = {}
@@ -265,6 +278,9 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
 
 def inference(values: dict) -> str:
     path = RESULTS / "inference" / "inference.json"
+    if not path.exists():
+        raise SystemExit(f"no {path}: run experiments/inference_cost.py first, or take {{{{inference:...}}}} out "
+                         "of the template")
     result = json.loads(path.read_text())
     lines = ["| method | encoder passes per document | documents/s (all tasks) |", "|---|---|---|"]
     for name, m in result["methods"].items():
@@ -291,14 +307,19 @@ def main() -> None:
     majority = majority_levels(glue, TASK_ORDER) if glue else None
     for name in sorted(set(re.findall(r"\{\{(\w+):([\w.-]+)(?::\w+)?\}\}", template))):
         kind, arg = name
-        if kind == "table":
-            tables[f"table:{arg}"] = plan_table(arg, values, majority, glue)
-        elif kind == "curves":
-            tables[f"curves:{arg}"] = curves(arg, values)
-        elif kind == "diag":
-            tables |= diagnosis(arg, values)
-        elif kind == "inference":
-            tables["inference:cost"] = inference(values)
+        try:
+            if kind == "table":
+                tables[f"table:{arg}"] = plan_table(arg, values, majority, glue)
+            elif kind == "curves":
+                tables[f"curves:{arg}"] = curves(arg, values)
+            elif kind == "diag":
+                tables |= diagnosis(arg, values)
+            elif kind == "inference":
+                tables["inference:cost"] = inference(values)
+        except SystemExit as missing:
+            if not options.keys:
+                raise
+            print(f"(left out: {missing})", file=sys.stderr)  # --keys lists what the results give
     if majority:
         values |= {f"majority.{t}": f"{100 * v:.1f}" for t, v in majority.items()}
     values |= tables
