@@ -125,7 +125,9 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
             values[f"{plan}.{name}.{task}"] = f"{100 * np.mean(scores):.1f}"
             values[f"{plan}.{name}.{task}.min"] = f"{100 * min(scores):.1f}"
             values[f"{plan}.{name}.{task}.max"] = f"{100 * max(scores):.1f}"
-            values[f"{plan}.{name}.{task}.steps"] = f"{np.mean([r['task_steps'].get(task, 0) for r in results]):.0f}"
+            steps = [r["task_steps"].get(task, 0) for r in results]
+            values[f"{plan}.{name}.{task}.steps"] = f"{np.mean(steps):.0f}"
+            values[f"{plan}.{name}.{task}.steps.min"], values[f"{plan}.{name}.{task}.steps.max"] = str(min(steps)), str(max(steps))
         for key in ("average", "paper_average"):
             scores = [r["final"][key] for r in results]
             cells.append(fmt(scores))
