@@ -29,7 +29,7 @@ LABELS = {  # how the runs are named in the tables
     "single": "single-task (one model per task)", "mtdnn": "MT-DNN (`--mode none`)",
     "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)", "stopgrad": "stopgrad (Fig. 1c)",
     "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
-    "mtop-dts-heldout": "MTOP, DTS, probes on held-out train",
+    "mtop-dts-heldout": "MTOP, DTS, probes on held-out train", "mtop": "MTOP (32 shared prompts)",
     "after-norm.vocab-pos0": "MTOP, prompts start as tokens at position 0 (`vocab-pos0`, first version)",
     "after-norm.vocab": "MTOP, prompts start as tokens without a position (`vocab`, default)",
     "after-norm.random": "MTOP, random prompts (`random`)", "input.vocab": "MTOP, `--prompt-entry input`",
@@ -141,8 +141,10 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
         for other, other_results in runs.items():
             gap = np.mean([r["final"]["average"] for r in results]) - np.mean([r["final"]["average"] for r in other_results])
             values[f"{plan}.{name}.minus.{other}"] = f"{100 * gap:.1f}"
-    first_flags = next(iter(runs.values()))[0]["flags"]
-    first_flags = first_flags[0] if isinstance(first_flags[0], list) else first_flags  # single-task: a list per task
+    # The plan's budget from a run trained as one model (a single-task run holds one flag list per task,
+    # each with that task's share of the steps).
+    flat = [r[0]["flags"] for r in runs.values() if not isinstance(r[0]["flags"][0], list)]
+    first_flags = flat[0] if flat else next(iter(runs.values()))[0]["flags"][0]
     values[f"{plan}.steps"] = flag(first_flags, "--max-steps")
     if glue is not None:  # one pass over the (capped) training sets, in steps of the batch size
         cap = int(flag(first_flags, "--max-train-examples") or 0)
