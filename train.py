@@ -786,8 +786,8 @@ def train(args: argparse.Namespace) -> dict:
 
 def release_memory() -> None:
     """Give freed memory back to the operating system. glibc's malloc keeps the memory of freed tensors
-    for reuse; with a new batch shape at every step its heap fragments, and the process held 1.6 GB
-    where its tensors needed 0.6 (benchmarks/peak_memory.py, BENCHMARKS.md). No-op off glibc."""
+    for reuse; with a new batch shape at every step its heap fragments, and the process holds far more
+    than its tensors need (benchmarks/peak_memory.py, BENCHMARKS.md section 9). No-op off glibc."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import glue_data  # noqa: E402
+from run import flag_value as flag  # noqa: E402  (experiments/run.py: the last value of --name)
 
 RESULTS, FIGURES = ROOT / "experiments" / "results", ROOT / "experiments" / "figures"
 TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "RTE"]
@@ -99,12 +100,6 @@ def majority_levels(glue: Path, tasks: list[str]) -> dict[str, float]:
         labels = glue_data.load_split(task, "dev", glue).labels
         levels[name] = glue_data.task_score(task, glue_data.compute_metrics(task, np.full(len(labels), majority), labels))
     return levels
-
-
-def flag(flags: list[str], name: str) -> str:
-    """The last value of --name in a run's flags."""
-    found = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
-    return found[-1] if found else ""
 
 
 def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue: Path | None) -> str:
