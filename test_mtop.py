@@ -1865,6 +1865,55 @@ def test_diverging_run_stops_and_keeps_no_nonfinite_weights(tiny_model, token_ca
             assert torch.isfinite(tensor.float()).all(), (file, name)
 
 
+HEAP_PROBE = """
+import ctypes, sys, torch
+import train
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "fixed":
+    train.limit_heap_growth()
+first = torch.ones(10 << 18)  # 10 MiB: above every threshold, so its own mapping
+del first  # glibc's default now raises its threshold to 10 MiB
+before = libc.mallinfo2().hblkhd  # bytes in separate mappings
+second = torch.ones(6 << 18)  # 6 MiB
+print((libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+def test_cpu_training_keeps_large_tensors_out_of_the_heap():
+    """limit_heap_growth (train.py, CPU): a 6 MiB tensor made after a 10 MiB one was freed gets its own
+    mapping (given back when freed), where glibc's default would put it in the heap, which fragments."""
+    def mapped_mib(variant):
+        done = subprocess.run([sys.executable, "-c", HEAP_PROBE, variant], cwd=ROOT, capture_output=True, text=True,
+                              check=True)
+        return int(done.stdout.split()[-1])
+    assert mapped_mib("default") == 0  # the default's threshold grew: the tensor went to the heap
+    assert mapped_mib("fixed") == 6
+
+
+def test_evaluation_keeps_no_autograd_graph():
+    """Dev evaluation, DTS probes and test predictions (all through predict_encoded) run without
+    autograd: a graph kept for a backward that never comes costs memory and time."""
+    model = tiny_mtop()
+    ids, mask, types = text_batch(B=6)
+    lengths = mask.sum(1).numpy()
+    encoded = glue_data.Encoded(ids=ids[mask.bool()].numpy().astype(np.int32),
+                                type_ids=types[mask.bool()].numpy().astype(np.int8),
+                                offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), labels=None)
+    outputs = []
+    model.register_forward_hook(lambda module, inputs, output: outputs.extend(output.values()))
+    model(ids, mask, types, active_task="cola")
+    assert outputs and all(o.requires_grad for o in outputs)  # a plain forward records a graph
+    outputs.clear()
+    for task in ("cola", "stsb"):
+        train.predict_encoded(model, task, encoded, None, "cpu", "fp32", label=task)
+    assert len(outputs) == 2 and not any(o.requires_grad for o in outputs)
+
+
+
 @pytest.mark.parametrize("mode", ["none", "mtop"])
 def test_batched_heads_at_inference_equal_the_per_head_loop(mode):
     """Labelling (eval, no grad, all tasks) runs the N heads as two batched products: the logits equal

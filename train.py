@@ -654,6 +654,8 @@ def train(args: argparse.Namespace) -> dict:
     check_device(args.device)
     rank, world, device = setup_distributed(args.device)
     args.device = device
+    if device == "cpu":
+        limit_heap_growth()
     out = Path(args.output_dir)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -748,6 +750,7 @@ def train(args: argparse.Namespace) -> dict:
             if rank == 0:
                 log(f"evaluating at step {step} on {sum(len(e) for t in tasks for e in data[t.name]['dev'].values())} "
                     "dev rows", rank)
+                release_memory()  # the training steps' freed blocks, before the evaluation's
                 result = evaluate(model, tasks, data, args)
                 records.write(event="eval", step=step, **result)
                 log(f"dev at step {step}: average {100 * result['average']:.2f} (Table 1's: "
@@ -782,6 +785,22 @@ def train(args: argparse.Namespace) -> dict:
             write_test_predictions(out, tasks, args)
         plot(out)
     return {"step": step, "losses": losses, "best": best, "history": history}
+
+
+MMAP_THRESHOLD = 4 << 20  # bytes; see limit_heap_growth
+
+
+def limit_heap_growth() -> None:
+    """CPU training: a fixed glibc mmap threshold of 4 MB. By default glibc raises that threshold to the
+    size of each large block freed (up to 32 MB), so the activations of later steps, whose shapes change
+    with every bucketed batch, land in a heap that fragments and is never given back. With a fixed
+    threshold each tensor above 4 MB gets its own mapping, returned to the system when it is freed.
+    benchmarks/bench_allocator.py measures the trade (peak memory against step time); BENCHMARKS.md
+    section 9 has the figures. No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def release_memory() -> None:

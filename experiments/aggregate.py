@@ -35,6 +35,7 @@ LABELS = {  # how the runs are named in the tables
     "after-norm.vocab": "MTOP, prompts start as tokens without a position (`vocab`, default)",
     "after-norm.random": "MTOP, random prompts (`random`)", "input.vocab": "MTOP, `--prompt-entry input`",
     "input-positions.vocab": "MTOP, `--prompt-entry input-positions`", "after-norm.vocab.S8": "MTOP, S = 8",
+    "mtop-s8": "MTOP, S = 8",
 }
 
 
@@ -170,13 +171,46 @@ def curves(plan: str, values: dict) -> str:
                 series.setdefault(name, []).append((step, float(np.mean(found))))
                 values[f"{plan}.{name}.step{step}"] = f"{100 * np.mean(found):.1f}"
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(row) + " |")
+    for name in series:  # gaps between the runs' means at each step, for the prose
+        for other in series:
+            theirs = dict(series[other])
+            for step, value in series[name]:
+                if step in theirs:
+                    values[f"{plan}.{name}.minus.{other}.step{step}"] = f"{100 * (value - theirs[step]):.1f}"
+    # Each task's dev score at the last evaluation, and the steps each task got.
+    last = steps[-1]
+    lines += ["", f"Each task at step {last} (the steps each task got in brackets):", "",
+              "| run | " + " | ".join(TASK_ORDER) + " |", "|---|" + "---|" * len(TASK_ORDER)]
+    at_last = {}
+    for name, results in runs.items():
+        cells = []
+        for task in TASK_ORDER:
+            found = [e["scores"][task] for r in results for e in r["evals"] if e["step"] == last and task in e["scores"]]
+            steps_got = [r["task_steps"].get(task, 0) for r in results]
+            cells.append(f"{fmt(found)} ({np.mean(steps_got):.0f})" if found else "")
+            values[f"{plan}.{name}.{task}.steps"] = f"{np.mean(steps_got):.0f}"
+            if found:
+                at_last[name, task] = float(np.mean(found))
+                values[f"{plan}.{name}.step{last}.{task}"] = f"{100 * at_last[name, task]:.1f}"
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    for name in runs:  # per-task gaps at the last evaluation
+        for other in runs:
+            for task in TASK_ORDER:
+                if (name, task) in at_last and (other, task) in at_last:
+                    gap = at_last[name, task] - at_last[other, task]
+                    values[f"{plan}.{name}.minus.{other}.step{last}.{task}"] = f"{100 * gap:.1f}"
+    values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for rs in runs.values() for r in rs) / 3600:.1f}"
+    values[f"{plan}.steps"] = str(last)
+    values[f"{plan}.runs"] = str(sum(len(r) for r in runs.values()))
+    first = next(iter(runs.values()))[0]
+    values[f"{plan}.machine"], values[f"{plan}.commit"] = first["machine"], first["commit"]
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, points in series.items():
-            ax.plot(*zip(*[(s, 100 * v) for s, v in points]), marker="o", label=LABELS.get(name, name))
+            ax.plot(*zip(*[(s, 100 * v) for s, v in points]), marker="o", label=LABELS.get(name, name).replace("`", ""))
         ax.set(xlabel="training step (batch 16)", ylabel="dev average (GLUE, x100)", title=f"learning curves ({plan})")
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -12,7 +12,6 @@ are counted. Writes inference.json.
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import glue_data  # noqa: E402
 from electra import Electra  # noqa: E402
 from mtop import MTOP  # noqa: E402
+from run import machine  # noqa: E402  (experiments/run.py: the CPU model from /proc/cpuinfo)
 
 METHODS = {"single": ("none", 0), "mtdnn": ("none", 0), "prompt-tuning": ("separate", 0), "concat": ("concat", 0),
            "stopgrad": ("stopgrad", 0), "mtop": ("mtop", 32)}
@@ -84,7 +84,7 @@ def main() -> None:
                         model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
                 seconds[name] += time.perf_counter() - start
     documents = len(texts) * options.rounds
-    result = {"machine": f"{platform.machine()} {platform.processor()}", "threads": torch.get_num_threads(),
+    result = {"machine": machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "texts": len(texts), "rounds": options.rounds, "tasks": options.tasks,
               "methods": {name: {"documents_per_second": documents / seconds[name],
                                  # each pass encodes a whole batch: per document it is passes / batches
