@@ -1882,16 +1882,32 @@ print((libc.mallinfo2().hblkhd - before) >> 20)
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
-def test_cpu_training_keeps_large_tensors_out_of_the_heap():
-    """limit_heap_growth (train.py, CPU): a 6 MiB tensor made after a 10 MiB one was freed gets its own
-    mapping (given back when freed), where glibc's default would put it in the heap, which fragments."""
+def has_mallinfo2() -> bool:
+    import ctypes
+    try:
+        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_mallinfo2(), reason="needs glibc >= 2.33")
+def test_limit_heap_growth_keeps_large_tensors_out_of_the_heap(monkeypatch, tiny_model, token_cache, tmp_path):
+    """limit_heap_growth (train.py calls it for CPU training): a 6 MiB tensor made after a 10 MiB one was
+    freed gets its own mapping (given back when freed), where glibc's default would put it in the heap,
+    which fragments."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+
     def mapped_mib(variant):
         done = subprocess.run([sys.executable, "-c", HEAP_PROBE, variant], cwd=ROOT, capture_output=True, text=True,
-                              check=True)
+                              env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
     assert mapped_mib("default") == 0  # the default's threshold grew: the tensor went to the heap
     assert mapped_mib("fixed") == 6
+    calls = []  # and train() sets it for a CPU run
+    monkeypatch.setattr(train, "limit_heap_growth", lambda: calls.append(1))
+    train.main(run_args(tiny_model, token_cache, tmp_path / "run", "--tasks", "RTE", "--max-steps", "1", "--no-test"))
+    assert calls == [1]
 
 
 def test_evaluation_keeps_no_autograd_graph():

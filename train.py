@@ -791,12 +791,13 @@ MMAP_THRESHOLD = 4 << 20  # bytes; see limit_heap_growth
 
 
 def limit_heap_growth() -> None:
-    """CPU training: a fixed glibc mmap threshold of 4 MB. By default glibc raises that threshold to the
-    size of each large block freed (up to 32 MB), so the activations of later steps, whose shapes change
-    with every bucketed batch, land in a heap that fragments and is never given back. With a fixed
-    threshold each tensor above 4 MB gets its own mapping, returned to the system when it is freed.
-    benchmarks/bench_allocator.py measures the trade (peak memory against step time); BENCHMARKS.md
-    section 9 has the figures. No-op off glibc."""
+    """CPU training: a fixed glibc mmap threshold of 4 MiB. By default glibc raises that threshold to the
+    size of each large block freed (up to 32 MiB), so the activations of later steps, whose shapes change
+    with every bucketed batch, land in a heap that fragments and is mostly not given back. With a fixed
+    threshold a tensor above 4 MiB normally gets its own mapping, returned to the system when freed.
+    The setting is the whole process's, for the rest of its life. benchmarks/bench_allocator.py
+    measures the trade (peak memory against step time); BENCHMARKS.md section 9 has the figures.
+    No-op off glibc."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):

@@ -82,6 +82,8 @@ def main() -> None:
         return child(options)
     if options.steps <= 5:
         parser.error("--steps must be more than 5 (the first 5 are not timed)")
+    if options.rounds < 1:
+        parser.error("--rounds must be at least 1")
     results = {"default": [], "fixed": []}
     command = [sys.executable, __file__, "--data-dir", options.data_dir, "--model", options.model, "--tasks",
                options.tasks, "--mode", options.mode, "--steps", str(options.steps), "--threads", str(options.threads)]
