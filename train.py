@@ -798,10 +798,17 @@ def limit_heap_growth() -> None:
     The setting is the whole process's, for the rest of its life. benchmarks/bench_allocator.py
     measures the trade (peak memory against step time); BENCHMARKS.md section 9 has the figures.
     No-op off glibc."""
+    if libc := glibc():
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+
+
+def glibc():
+    """The C library when it is glibc (mallopt and malloc_trim), else None."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def release_memory() -> None:
@@ -809,10 +816,8 @@ def release_memory() -> None:
     for reuse; with a new batch shape at every step its heap fragments, and the process holds far more
     than its tensors need (benchmarks/peak_memory.py, BENCHMARKS.md section 9). No-op off glibc."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if libc := glibc():
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
