@@ -24,8 +24,9 @@ one evaluation at its end; the JSON holds every task's score from its own model.
 "same_as": "<plan>/<run>": this configuration is already run by another plan; nothing is trained and
 aggregate.py takes that run's results, after checking that its flags are this run's flags.
 
---jobs N runs N trainings side by side, each with (CPU cores / N) threads; on a GPU several small
-models fit side by side too.
+--jobs N runs N trainings side by side, each with (CPU cores / N) threads unless --threads says; on a GPU
+several small models fit side by side too. The trainings start seed by seed (every run of the first seed,
+then of the next), so a plan stopped early has whole seeds rather than whole runs.
 """
 
 import argparse
@@ -50,7 +51,14 @@ def machine() -> str:
                       if line.startswith("model name")), "")
     except OSError:
         pass
-    return f"{platform.machine()} {model or platform.processor()}, {os.cpu_count()} cores".strip()
+    gpu = ""
+    try:  # the GPU, where there is one (train.py then trains on it by default)
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    cpu = f"{platform.machine()} {model or platform.processor()}, {os.cpu_count()} cores".strip()
+    return f"{gpu}; {cpu}" if gpu else cpu
 
 
 def commit() -> str:
@@ -165,6 +173,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="JSON results go here")
     parser.add_argument("--work", default=str(ROOT / "runs" / "experiments"), help="train.py output folders")
     parser.add_argument("--jobs", type=int, default=1, help="trainings side by side")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per training (0: CPU cores / jobs)")
     parser.add_argument("--runs", default="", help="only these runs of the plan (comma-separated names)")
     parser.add_argument("--seeds", default="", help="only these seeds (comma-separated)")
     parser.add_argument("--keep-models", action="store_true", help="keep checkpoints and best models")
@@ -173,12 +182,14 @@ def main() -> None:
     plan = json.loads(Path(options.plan).read_text(encoding="utf-8"))
     fill = {"glue": options.glue, "model": options.model}
     work, results = Path(options.work), Path(options.results) / plan["name"]
-    threads = max(1, (os.cpu_count() or 1) // options.jobs)
+    if options.jobs < 1 or options.threads < 0:
+        parser.error("--jobs must be at least 1 and --threads at least 0")
+    threads = options.threads or max(1, (os.cpu_count() or 1) // options.jobs)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     todo = []  # (run, seed, units, result path)
-    for run in plan["runs"]:
-        for seed in plan["seeds"]:
+    for seed in plan["seeds"]:
+        for run in plan["runs"]:
             if options.runs and run["name"] not in options.runs.split(","):
                 continue
             if options.seeds and str(seed) not in options.seeds.split(","):
