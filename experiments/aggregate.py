@@ -309,20 +309,22 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
     return tables
 
 
-def inference(values: dict) -> str:
-    path = RESULTS / "inference" / "inference.json"
+def inference(folder: str, values: dict) -> str:
+    """The table of experiments/inference_cost.py's <folder>/inference.json; its keys start with <folder>."""
+    path = RESULTS / folder / "inference.json"
     if not path.exists():
-        raise SystemExit(f"no {path}: run experiments/inference_cost.py first, or take {{{{inference:...}}}} out "
-                         "of the template")
+        raise SystemExit(f"no {path}: run experiments/inference_cost.py --out {path.parent} first, or take "
+                         f"{{{{inference:{folder}}}}} out of the template")
     result = json.loads(path.read_text())
     lines = ["| method | encoder passes per document | documents/s (all tasks) |", "|---|---|---|"]
     for name, m in result["methods"].items():
         lines.append(f"| {LABELS.get(name, name)} | {m['encoder_passes_per_document']:.0f} | "
                      f"{m['documents_per_second']:.1f} |")
-        values[f"inference.{name}.docs"] = f"{m['documents_per_second']:.1f}"
-        values[f"inference.{name}.passes"] = f"{m['encoder_passes_per_document']:.0f}"
-    values["inference.machine"] = f"{result['machine']}, {result['threads']} threads, torch {result['torch']}"
-    values["inference.texts"] = str(result["texts"])
+        values[f"{folder}.{name}.docs"] = f"{m['documents_per_second']:.1f}"
+        values[f"{folder}.{name}.passes"] = f"{m['encoder_passes_per_document']:.0f}"
+    where = f"{result['threads']} threads" if result.get("device", "cpu") == "cpu" else result["dtype"]
+    values[f"{folder}.machine"] = f"{result['machine']}, {where}, torch {result['torch']}"
+    values[f"{folder}.texts"] = str(result["texts"])
     return "\n".join(lines)
 
 
@@ -348,7 +350,7 @@ def main() -> None:
             elif kind == "diag":
                 tables |= diagnosis(arg, values)
             elif kind == "inference":
-                tables["inference:cost"] = inference(values)
+                tables[f"inference:{arg}"] = inference(arg, values)
         except SystemExit as missing:
             if not options.keys:
                 raise

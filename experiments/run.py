@@ -62,7 +62,8 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The code the runs ran: the commit of train.py's repository, '+changes' if its .py files differ."""
+    """The code the runs ran: the commit of train.py's repository, '+changes' if its .py files differ.
+    Where the code is a copy without git (a GPU machine's copy of the tree), MTOP_COMMIT names it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -70,7 +71,7 @@ def commit() -> str:
                                text=True).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("MTOP_COMMIT", "unknown")
 
 
 def flag_value(flags: list[str], name: str, default: str = "") -> str:
