@@ -2422,3 +2422,33 @@ def test_a_custom_task_named_like_a_glue_split_trains_and_predicts(tiny_model, t
     with zipfile.ZipFile(out / "submission" / "test_predictions.zip") as z:
         assert z.namelist() == ["AX.tsv"]
         assert z.read("AX.tsv").decode().splitlines()[1].split("\t")[1] in ("world", "sports")
+
+
+def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path, monkeypatch):
+    """experiments/run.py --dry-run lists the trainings of a plan: every run of the first seed before
+    any of the next, none for a run whose JSON result exists or that borrows another plan's runs, each
+    with its seed and its own output folder; --threads sets the trainings' thread count and MTOP_COMMIT
+    names the code in the results."""
+    plan = {"name": "p", "seeds": [0, 1], "common": ["--data-dir", "{glue}", "--model", "{model}"],
+            "runs": [{"name": "a", "flags": ["--mode", "none"]}, {"name": "b", "flags": ["--mode", "mtop"]},
+                     {"name": "c", "same_as": "other/x"}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "results" / "p").mkdir(parents=True)
+    (tmp_path / "results" / "p" / "b-seed1.json").write_text("{}")
+    script = Path(__file__).parent / "experiments" / "run.py"
+    listed = subprocess.run([sys.executable, str(script), str(tmp_path / "plan.json"), "--glue", "G", "--model", "M",
+                             "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"), "--jobs", "2",
+                             "--threads", "3", "--dry-run"], capture_output=True, text=True, check=True).stdout
+    commands = [line.split() for line in listed.splitlines() if "train.py" in line]
+    assert [(c[c.index("--seed") + 1], c[c.index("--output-dir") + 1]) for c in commands] == [
+        ("0", str(tmp_path / "work" / "p" / "a-seed0")), ("0", str(tmp_path / "work" / "p" / "b-seed0")),
+        ("1", str(tmp_path / "work" / "p" / "a-seed1"))]
+    assert all(c[c.index("--data-dir") + 1] == "G" and c[c.index("--model") + 1] == "M" for c in commands)
+    assert "2 at a time with 3 threads each" in listed and "c: the runs of other/x" in listed
+    spec = importlib.util.spec_from_file_location("experiments_run", script)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    monkeypatch.setenv("MTOP_COMMIT", "abc1234")
+    assert run.commit() == "abc1234"
+    monkeypatch.delenv("MTOP_COMMIT")
+    assert run.commit() != "abc1234"

@@ -35,7 +35,7 @@ LABELS = {  # how the runs are named in the tables
     "after-norm.vocab": "MTOP, prompts start as tokens without a position (`vocab`, default)",
     "after-norm.random": "MTOP, random prompts (`random`)", "input.vocab": "MTOP, `--prompt-entry input`",
     "input-positions.vocab": "MTOP, `--prompt-entry input-positions`", "after-norm.vocab.S8": "MTOP, S = 8",
-    "mtop-s8": "MTOP, S = 8",
+    "mtop-s8": "MTOP, S = 8", "mtop-dts-alpha1": "MTOP, DTS with alpha = 1",
 }
 
 
@@ -130,6 +130,8 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
             mean, sd = mean_sd(scores)
             values[f"{plan}.{name}.{key}"] = f"{100 * mean:.1f}"
             values[f"{plan}.{name}.{key}.sd"] = f"{100 * sd:.1f}"
+            values[f"{plan}.{name}.{key}.min"] = f"{100 * min(scores):.1f}"
+            values[f"{plan}.{name}.{key}.max"] = f"{100 * max(scores):.1f}"
         minutes = np.mean([r["wall_seconds"] for r in results]) / 60
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {len(results)} | {minutes:.1f} |")
         values[f"{plan}.{name}.seeds"] = str(len(results))
@@ -146,8 +148,9 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
         cap = int(flag(first_flags, "--max-train-examples") or 0)
         rows = [len(glue_data.load_split(glue_data.GLUE_TASKS[t], "train", glue)) for t in tasks]
         values[f"{plan}.epoch_steps"] = f"{sum(min(r, cap) if cap else r for r in rows) // 16:,}"
-    values[f"{plan}.runs"] = str(sum(len(r) for r in runs.values()))
-    values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for rs in runs.values() for r in rs) / 3600:.1f}"
+    own = [r for rs in runs.values() for r in rs if r["plan"] == plan]  # not the runs borrowed with same_as
+    values[f"{plan}.runs"] = str(len(own))
+    values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for r in own) / 3600:.1f}"
     first = next(iter(runs.values()))[0]
     values[f"{plan}.machine"] = first["machine"]
     values[f"{plan}.commit"] = first["commit"]

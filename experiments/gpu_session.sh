@@ -10,7 +10,7 @@
 # SECONDS: the whole script's budget (default 480); JOBS: gpu-table trainings side by side (default 12).
 # Unpack here with `tar xzf OUT_DIR/results.tgz -C DIR`: DIR/gpu-results/<plan>/*.json are run.py's
 # results (copy them to experiments/results/), DIR/gpu-work holds each training's stdout.txt and log.jsonl.
-# MTOP_COMMIT names the code's commit where the copy has no git (run.py records it in each result).
+# MTOP_COMMIT names the code's commit (run.py records it in each result; the copy's git may say another).
 # PLAN, PLAN2, DEVICE and TEXTS (from the environment) change the plans, the device and the texts of the
 # inference cost, to try the script on a CPU first.
 set -uo pipefail

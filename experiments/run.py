@@ -63,7 +63,10 @@ def machine() -> str:
 
 def commit() -> str:
     """The code the runs ran: the commit of train.py's repository, '+changes' if its .py files differ.
-    Where the code is a copy without git (a GPU machine's copy of the tree), MTOP_COMMIT names it."""
+    MTOP_COMMIT, where set, names it instead: a copy of the tree made elsewhere (a GPU machine's) may carry
+    no git, or another commit's git metadata."""
+    if os.environ.get("MTOP_COMMIT"):
+        return os.environ["MTOP_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -71,7 +74,7 @@ def commit() -> str:
                                text=True).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MTOP_COMMIT", "unknown")
+        return "unknown"
 
 
 def flag_value(flags: list[str], name: str, default: str = "") -> str:
