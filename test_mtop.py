@@ -2451,4 +2451,7 @@ def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path,
     monkeypatch.setenv("MTOP_COMMIT", "abc1234")
     assert run.commit() == "abc1234"
     monkeypatch.delenv("MTOP_COMMIT")
-    assert run.commit() != "abc1234"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # a git checkout: the commit is git's, with +changes where .py files differ
+        assert run.commit().split("+")[0] == head.stdout.strip()

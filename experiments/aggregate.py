@@ -119,6 +119,7 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
             scores = [r["final"]["scores"][task] for r in results]
             cells.append(fmt(scores))
             values[f"{plan}.{name}.{task}"] = f"{100 * np.mean(scores):.1f}"
+            values[f"{plan}.{name}.{task}.sd"] = f"{100 * mean_sd(scores)[1]:.1f}"
             values[f"{plan}.{name}.{task}.min"] = f"{100 * min(scores):.1f}"
             values[f"{plan}.{name}.{task}.max"] = f"{100 * max(scores):.1f}"
             steps = [r["task_steps"].get(task, 0) for r in results]
@@ -153,7 +154,7 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
     values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for r in own) / 3600:.1f}"
     first = next(iter(runs.values()))[0]
     values[f"{plan}.machine"] = first["machine"]
-    values[f"{plan}.commit"] = first["commit"]
+    values[f"{plan}.commit"] = ", ".join(sorted({r["commit"] for r in own} or {first["commit"]}))
     return "\n".join(lines)
 
 
@@ -206,7 +207,8 @@ def curves(plan: str, values: dict) -> str:
     values[f"{plan}.steps"] = str(last)
     values[f"{plan}.runs"] = str(sum(len(r) for r in runs.values()))
     first = next(iter(runs.values()))[0]
-    values[f"{plan}.machine"], values[f"{plan}.commit"] = first["machine"], first["commit"]
+    values[f"{plan}.machine"] = first["machine"]
+    values[f"{plan}.commit"] = ", ".join(sorted({r["commit"] for rs in runs.values() for r in rs}))
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -26,7 +26,8 @@ aggregate.py takes that run's results, after checking that its flags are this ru
 
 --jobs N runs N trainings side by side, each with (CPU cores / N) threads unless --threads says; on a GPU
 several small models fit side by side too. The trainings start seed by seed (every run of the first seed,
-then of the next), so a plan stopped early has whole seeds rather than whole runs.
+then of the next), so in a plan stopped early the first seeds are the most complete. A result records
+whether any of its trainings was continued from a checkpoint ("resumed").
 """
 
 import argparse
@@ -44,21 +45,24 @@ sys.path.insert(0, str(ROOT))
 import glue_data  # noqa: E402
 
 
-def machine() -> str:
+def machine(gpu: bool = True) -> str:
+    """The CPU model and core count, and first the GPU's name where there is one and `gpu` is set."""
     model = ""
     try:
         model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), "")
     except OSError:
         pass
-    gpu = ""
-    try:  # the GPU, where there is one (train.py then trains on it by default)
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.strip().splitlines()[0]
+    name = ""
+    try:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30)
+        if gpu and query.returncode == 0:
+            name = query.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
     cpu = f"{platform.machine()} {model or platform.processor()}, {os.cpu_count()} cores".strip()
-    return f"{gpu}; {cpu}" if gpu else cpu
+    return f"{name}; {cpu}" if name else cpu
 
 
 def commit() -> str:
@@ -101,10 +105,11 @@ class Unit:
     """One train.py process: a run of the plan, or one task's model of a single-task run."""
 
     def __init__(self, flags: list[str], folder: Path):
-        self.flags, self.folder, self.process, self.started = flags, folder, None, 0.0
+        self.flags, self.folder, self.process, self.started, self.resumed = flags, folder, None, 0.0, False
 
     def command(self) -> list[str]:
         resume = ["--resume"] if (self.folder / "checkpoint.safetensors").exists() else []
+        self.resumed |= bool(resume)
         return [sys.executable, str(ROOT / "train.py"), *self.flags, "--output-dir", str(self.folder), *resume]
 
     def done(self) -> bool:
@@ -138,7 +143,7 @@ def read_log(folder: Path) -> tuple[list[dict], dict[str, int]]:
     return evals, steps
 
 
-def result_of(plan: dict, run: dict, seed: int, units: list[Unit], seconds: float) -> dict:
+def result_of(plan: dict, run: dict, seed: int, units: list[Unit], seconds: float, threads: int) -> dict:
     evals, steps = [], {}
     if run.get("single_task"):  # one evaluation per task, each from that task's own model
         final = {"step": 0, "scores": {}, "primary": {}}
@@ -158,8 +163,9 @@ def result_of(plan: dict, run: dict, seed: int, units: list[Unit], seconds: floa
             "flags": units[0].flags if len(units) == 1 else [u.flags for u in units],
             "mode": flag_value(units[0].flags, "--mode", "mtop"), "evals": evals, "final": evals[-1],
             "best": max(evals, key=lambda e: e["average"]), "task_steps": steps,
-            "wall_seconds": round(seconds, 1), "commit": commit(), "machine": machine(),
-            "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))}
+            "wall_seconds": round(seconds, 1), "commit": commit(),
+            "threads": threads, "resumed": any(u.resumed for u in units),
+            "machine": machine(gpu=flag_value(units[0].flags, "--device", "cuda") != "cpu")}
 
 
 def write_json(path: Path, obj) -> None:
@@ -246,7 +252,7 @@ def main() -> None:
             run, seed, units, path = item
             if all(u.done() for u in units):
                 total = sum(json.loads((u.folder / "done.json").read_text())["seconds"] for u in units)
-                result = result_of(plan, run, seed, units, total)
+                result = result_of(plan, run, seed, units, total, threads)
                 write_json(path, result)
                 left = len(pending) + len(running)
                 print(f"done {path.name}: average {100 * result['final']['average']:.2f} in {total / 60:.1f} min; "
