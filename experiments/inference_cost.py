@@ -11,9 +11,8 @@ are counted. Writes inference.json. --device cuda times it on a GPU (synchronise
 --dtype bf16 under autocast.
 """
 
-import contextlib
-
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -100,7 +99,7 @@ def main() -> None:
                 sync()
                 seconds[name] += time.perf_counter() - start
     documents = len(texts) * options.rounds
-    result = {"machine": machine(), "device": options.device, "dtype": options.dtype,
+    result = {"machine": machine(gpu=device.type == "cuda"), "device": options.device, "dtype": options.dtype,
               "threads": torch.get_num_threads(),
               "torch": torch.__version__, "texts": len(texts), "rounds": options.rounds, "tasks": options.tasks,
               "methods": {name: {"documents_per_second": documents / seconds[name],

@@ -56,8 +56,8 @@ def machine(gpu: bool = True) -> str:
     name = ""
     try:
         query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True, timeout=30)
-        if gpu and query.returncode == 0:
+                               text=True, timeout=30) if gpu else None
+        if query and query.returncode == 0:
             name = query.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
