@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--shared-prompt-len", type=int, default=32, help="L': shared prompt tokens (mode mtop)")
     g.add_argument("--prompt-entry", choices=PROMPT_ENTRIES, default="after-norm",
                    help="where prompts join the embedded text (mtop.py; RESULTS.md compares them)")
-    g.add_argument("--prompt-init", choices=PROMPT_INITS, default="vocab", help="initial prompt vectors (mtop.py)")
+    g.add_argument("--prompt-init", choices=PROMPT_INITS, default="random", help="initial prompt vectors (mtop.py)")
     g.add_argument("--freeze-encoder", action="store_true", help="train prompts and heads only")
     g = p.add_argument_group("task scheduling")
     g.add_argument("--sampler", choices=scheduler.SAMPLERS, default="dts", help="dts = the paper's bandit")

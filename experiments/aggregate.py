@@ -32,25 +32,29 @@ LABELS = {  # how the runs are named in the tables
     "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
     "mtop-dts-heldout": "MTOP, DTS, probes on held-out train", "mtop": "MTOP (32 shared prompts)",
     "after-norm.vocab-pos0": "MTOP, prompts start as tokens at position 0 (`vocab-pos0`, first version)",
-    "after-norm.vocab": "MTOP, prompts start as tokens without a position (`vocab`, default)",
-    "after-norm.random": "MTOP, random prompts (`random`)", "input.vocab": "MTOP, `--prompt-entry input`",
+    "after-norm.vocab": "MTOP, prompts start as tokens without a position (`vocab`)",
+    "after-norm.random": "MTOP, random prompts (`random`, default)", "input.vocab": "MTOP, `--prompt-entry input`",
     "input-positions.vocab": "MTOP, `--prompt-entry input-positions`", "after-norm.vocab.S8": "MTOP, S = 8",
     "mtop-s8": "MTOP, S = 8", "mtop-dts-alpha1": "MTOP, DTS with alpha = 1",
 }
 
 
 DTS_ONLY = {"interval", "probe_size", "gamma", "c", "reward", "share", "fixed_alpha"}
+PROMPTS_ONLY = {"prompt_entry", "prompt_init", "task_prompt_len", "shared_prompt_len", "prompt_lr"}
 
 
 def same_config(expected: list[str], ran: list[str]) -> bool:
     """Whether a run made for another plan ran this plan's configuration: train.py's parsed arguments
     agree except the seed, the folders, and the scheduler's own flags when the sampler is not DTS
-    (nothing else reads them). {glue} and {model} are filled with the folders the run used."""
+    (nothing else reads them), and the prompt flags in mode none, which has no prompts (so a run
+    that left them at a default that has changed since still matches). {glue} and {model} are filled
+    with the folders the run used."""
     import train  # here, not at the top: it imports torch, which the rest of this script does not need
     ran_args = vars(train.parse_args(ran))
     fill = {"glue": ran_args["data_dir"], "model": ran_args["model"]}
     want = vars(train.parse_args([f.format(**fill) for f in expected]))
     ignore = {"seed", "no_test", "output_dir", "resume"} | (DTS_ONLY if want["sampler"] != "dts" else set())
+    ignore |= PROMPTS_ONLY if want["mode"] == "none" else set()
     return all(want[k] == ran_args[k] for k in want if k not in ignore)
 
 
@@ -133,6 +137,8 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
             values[f"{plan}.{name}.{key}.sd"] = f"{100 * sd:.1f}"
             values[f"{plan}.{name}.{key}.min"] = f"{100 * min(scores):.1f}"
             values[f"{plan}.{name}.{key}.max"] = f"{100 * max(scores):.1f}"
+        for r in results:  # each seed's average, for paired comparisons (runs of one seed share data order)
+            values[f"{plan}.{name}.seed{r['seed']}.average"] = f"{100 * r['final']['average']:.1f}"
         minutes = np.mean([r["wall_seconds"] for r in results]) / 60
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {len(results)} | {minutes:.1f} |")
         values[f"{plan}.{name}.seeds"] = str(len(results))
