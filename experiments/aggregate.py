@@ -1,6 +1,6 @@
 """Write RESULTS.md and its figures from the experiments' JSON files alone.
 
-    python experiments/aggregate.py            # reads experiments/results/, writes RESULTS.md, experiments/figures/
+    python experiments/aggregate.py --glue GLUE_DIR   # reads experiments/results/, writes RESULTS.md and figures/
 
 RESULTS.md is experiments/RESULTS.template.md with every {{name}} filled in: {{table:<plan>}} is the
 results table of a plan (mean and standard deviation over seeds of each task's dev score), {{diag:...}} the
@@ -107,16 +107,15 @@ def majority_levels(glue: Path, tasks: list[str]) -> dict[str, float]:
     return levels
 
 
-def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue: Path | None) -> str:
+def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) -> str:
     runs = load(plan)
     if not runs:
         raise SystemExit(f"no results for plan {plan!r} in {RESULTS / plan}")
     tasks = [t for t in TASK_ORDER if t in next(iter(runs.values()))[0]["final"]["scores"]]
     lines = ["| run | " + " | ".join(tasks) + " | GLUE avg | Table 1 avg | seeds | minutes per run |",
              "|---|" + "---|" * (len(tasks) + 4)]
-    if majority:
-        lines.append("| majority class (no skill) | " + " | ".join(f"{100 * majority[t]:.1f}" for t in tasks)
-                     + " | | | | |")
+    lines.append("| majority class (no skill) | " + " | ".join(f"{100 * majority[t]:.1f}" for t in tasks)
+                 + " | | | | |")
     for name, results in runs.items():
         cells = []
         for task in tasks:
@@ -151,17 +150,22 @@ def plan_table(plan: str, values: dict, majority: dict[str, float] | None, glue:
     flat = [r[0]["flags"] for r in runs.values() if not isinstance(r[0]["flags"][0], list)]
     first_flags = flat[0] if flat else next(iter(runs.values()))[0]["flags"][0]
     values[f"{plan}.steps"] = flag(first_flags, "--max-steps")
-    if glue is not None:  # one pass over the (capped) training sets, in steps of the batch size
-        cap = int(flag(first_flags, "--max-train-examples") or 0)
-        rows = [len(glue_data.load_split(glue_data.GLUE_TASKS[t], "train", glue)) for t in tasks]
-        values[f"{plan}.epoch_steps"] = f"{sum(min(r, cap) if cap else r for r in rows) // 16:,}"
-    own = [r for rs in runs.values() for r in rs if r["plan"] == plan]  # not the runs borrowed with same_as
+    # one pass over the (capped) training sets, in steps of the batch size
+    cap = int(flag(first_flags, "--max-train-examples") or 0)
+    rows = [len(glue_data.load_split(glue_data.GLUE_TASKS[t], "train", glue)) for t in tasks]
+    values[f"{plan}.epoch_steps"] = f"{sum(min(r, cap) if cap else r for r in rows) // 16:,}"
+    summarise(plan, runs, values)
+    return "\n".join(lines)
+
+
+def summarise(plan: str, runs: dict[str, list[dict]], values: dict) -> None:
+    """The plan's own runs (not those borrowed with same_as): their count, hours, machine and commits."""
+    own = [r for rs in runs.values() for r in rs if r["plan"] == plan]
+    first = (own or next(iter(runs.values())))[0]
     values[f"{plan}.runs"] = str(len(own))
     values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for r in own) / 3600:.1f}"
-    first = next(iter(runs.values()))[0]
     values[f"{plan}.machine"] = first["machine"]
     values[f"{plan}.commit"] = ", ".join(sorted({r["commit"] for r in own} or {first["commit"]}))
-    return "\n".join(lines)
 
 
 def curves(plan: str, values: dict) -> str:
@@ -209,12 +213,8 @@ def curves(plan: str, values: dict) -> str:
                 if (name, task) in at_last and (other, task) in at_last:
                     gap = at_last[name, task] - at_last[other, task]
                     values[f"{plan}.{name}.minus.{other}.step{last}.{task}"] = f"{100 * gap:.1f}"
-    values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for rs in runs.values() for r in rs) / 3600:.1f}"
     values[f"{plan}.steps"] = str(last)
-    values[f"{plan}.runs"] = str(sum(len(r) for r in runs.values()))
-    first = next(iter(runs.values()))[0]
-    values[f"{plan}.machine"] = first["machine"]
-    values[f"{plan}.commit"] = ", ".join(sorted({r["commit"] for rs in runs.values() for r in rs}))
+    summarise(plan, runs, values)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -343,14 +343,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--template", default=str(ROOT / "experiments" / "RESULTS.template.md"))
     parser.add_argument("--out", default=str(ROOT / "RESULTS.md"))
-    parser.add_argument("--glue", default=str(ROOT.parent / "shared" / "glue"), help="for the majority-class row")
+    parser.add_argument("--glue", required=True, help="GLUE folder, for the majority-class row and one pass's steps")
     parser.add_argument("--keys", action="store_true", help="print every key the template may use, and exit")
     options = parser.parse_args()
     template = Path(options.template).read_text(encoding="utf-8")
     values: dict[str, str] = {}
     tables: dict[str, str] = {}
-    glue = Path(options.glue) if Path(options.glue).is_dir() else None
-    majority = majority_levels(glue, TASK_ORDER) if glue else None
+    glue = Path(options.glue)
+    if not glue.is_dir():
+        parser.error(f"--glue {glue}: no such folder (the GLUE task folders CoLA/, SST-2/, ...)")
+    majority = majority_levels(glue, TASK_ORDER)
     for name in sorted(set(re.findall(r"\{\{(\w+):([\w.-]+)(?::\w+)?\}\}", template))):
         kind, arg = name
         try:
@@ -366,8 +368,7 @@ def main() -> None:
             if not options.keys:
                 raise
             print(f"(left out: {missing})", file=sys.stderr)  # --keys lists what the results give
-    if majority:
-        values |= {f"majority.{t}": f"{100 * v:.1f}" for t, v in majority.items()}
+    values |= {f"majority.{t}": f"{100 * v:.1f}" for t, v in majority.items()}
     values |= tables
     if options.keys:
         print("\n".join(sorted(k for k in values if ":" not in k)))

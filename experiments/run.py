@@ -2,7 +2,7 @@
 
     python experiments/run.py experiments/plans/ablation-mix.json --glue GLUE_DIR --model MINILM --jobs 2
     python experiments/run.py PLAN --glue DIR --model DIR --dry-run      # list what would run
-    python experiments/aggregate.py                                       # RESULTS.md from the JSON files
+    python experiments/aggregate.py --glue GLUE_DIR                       # RESULTS.md from the JSON files
 
 A plan is a JSON file:
 
