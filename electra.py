@@ -25,18 +25,12 @@ Generators", ICLR 2020; Devlin et al., "BERT", NAACL 2019. Weight layout: Huggin
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import http.client
 import json
 import math
-import os
 import re
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -45,6 +39,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from support.files import atomic_write, fetch, read_json
 
 HUB_URL = "https://huggingface.co"
 DEFAULT_CACHE = Path.home() / ".cache" / "mtop"
@@ -381,19 +377,6 @@ def check_keys(path: Path, against: str, found: dict[str, torch.Size], expected:
         raise ValueError(f"{path} does not match {against}:\n  " + "\n  ".join(p for p in problems if p))
 
 
-def read_json(path: Path, missing_hint: str) -> dict:
-    """A JSON object from a file; a missing, unreadable or non-object file gets one error naming it."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; {missing_hint}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 # -- finding and downloading checkpoints --------------------------------------------------------
 
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -442,60 +425,3 @@ def download_model(name: str, folder: Path, hub_url: str = HUB_URL) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def fetch(url: str, dest: Path, optional: bool = False, sha256: str | None = None) -> bool:
-    """Download url -> dest with progress on stdout; False if optional and the server says 404. The
-    bytes go to dest.part, renamed to dest only when complete and, with `sha256`, when their digest is
-    that one: a failed, cut or refused download leaves nothing under dest's name."""
-    try:
-        response = urllib.request.urlopen(url, timeout=60)
-    except urllib.error.HTTPError as err:
-        if optional and err.code == 404:
-            return False
-        raise OSError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise OSError(f"download of {url} failed: {getattr(err, 'reason', err)} (no network?)") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    digest, total, done, reported = hashlib.sha256(), int(response.headers.get("Content-Length") or 0), 0, 0
-    print(f"downloading {url}" + (f" ({total / 1e6:.1f} MB)" if total else ""), flush=True)
-    try:
-        with response, open(part, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if total > 10 << 20 and done * 10 // total > reported:  # a line at every 10% of a big file
-                    reported = done * 10 // total
-                    print(f"  {done / 1e6:.0f} / {total / 1e6:.0f} MB", flush=True)
-        if total and done != total:
-            raise OSError(f"the connection closed after {done} of {total} bytes")
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise OSError(f"its sha256 is {digest.hexdigest()}, not the published {sha256}: a changed or "
-                          "tampered file, refused (nothing was installed)")
-        part.replace(dest)
-    except (OSError, http.client.HTTPException) as err:
-        part.unlink(missing_ok=True)
-        raise OSError(f"download of {url} failed: {err}") from None
-    return True
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path over `path`: readers never see half a file, and a crash
-    or an error leaves no file behind. The temporary name is unique, so processes that write the same
-    file at once (torchrun ranks filling one cache) do not collide."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        tmp.replace(path)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(err):
-            raise OSError(f"no space left on the device while writing {path}; the previous {path.name}, if any, "
-                          "is untouched. Free some space and run again (--resume continues a run)") from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)

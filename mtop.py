@@ -13,22 +13,20 @@ always get gradients (Fig. 1d). `mode` picks a prompt setting of Fig. 1, for the
     "mtop"      [P~_S ; P_S ; X]: stopgrad + S shared prompts      Fig. 1(d), the paper   1 pass
 
 Paper map:
+    prompt settings (L, S, mode, entry, init)  -> PromptConfig (mtop.json)
     input [P~_S ; P_S ; X], gradient stopping  -> MTOP.prompt_pool
     Eq. (1) task feature a_i                   -> MTOP.forward
     Eq. (2) Softmax(V_i sigma(W_i a_i + b))    -> TaskHead (logits; the softmax is in MTOP.loss)
     prompt tuning's vocabulary initialisation  -> initial_prompts
 
-Where prompts enter and how they start (the paper leaves both open; RESULTS.md measures them). By
-default ("after-norm") the prompts join the embedded text after the embedding LayerNorm, with no
-position embedding: the text keeps positions 0..T-1 as in pre-training and the number of tasks is not
-capped by max_position_embeddings. They start as embedded vocabulary tokens *without* a position
-embedding: started as tokens at position 0 (the first version of this code), every prompt looked
-like a copy of the sentence-start token, the text gave them most of its attention, and the pooled
-features hardly depended on the input. "input" embeds the prompts like tokens (token-type embedding,
-LayerNorm, dropout), "input-positions" also gives them positions 0..P-1 (prompt-tuning libraries).
-Without position embeddings self-attention is permutation-equivariant over the prompts: a prompt has
-no identity but its learned vector, and what ties task i to its feature is only that Eq. (1) reads
-back the very slots where P_i was put.
+Where prompts enter and how they start is left open by the paper; PromptConfig holds both with the
+lengths and the mode, and RESULTS.md compares the options. By default ("after-norm") the prompts join
+the embedded text after the embedding LayerNorm, with no position embedding: the text keeps positions
+0..T-1 as in pre-training and the number of tasks is not capped by max_position_embeddings. "input"
+embeds the prompts like tokens (token-type embedding, LayerNorm, dropout), "input-positions" also gives
+them positions 0..P-1 (prompt-tuning libraries). Without position embeddings self-attention is
+permutation-equivariant over the prompts: a prompt has no identity but its learned vector, and what
+ties task i to its feature is only that Eq. (1) reads back the very slots where P_i was put.
 
 Shapes: B batch, T text tokens, N tasks, L prompt tokens per task, S shared prompt tokens,
 C labels of a task, E embedding size (prompts live there: they are added before
@@ -42,6 +40,7 @@ Natural Language Understanding" (MT-DNN), ACL 2019; Clark et al., "ELECTRA", ICL
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -50,7 +49,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from electra import Electra, ElectraConfig, atomic_write, check_keys, read_json
+from electra import Electra, ElectraConfig, check_keys
+from support.files import atomic_write, read_json
 
 MODES = ("none", "separate", "concat", "stopgrad", "mtop")
 # Where the prompt vectors join the embedded text (a choice the paper leaves open; RESULTS.md compares them):
@@ -62,6 +62,62 @@ PROMPT_ENTRIES = ("after-norm", "input", "input-positions")
 PROMPT_INITS = ("vocab", "vocab-pos0", "random")
 WEIGHTS_FILE = "model.safetensors"
 SETTINGS_FILE = "mtop.json"
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The prompt settings of an MTOP model, validated when made; MTOP.save writes them to mtop.json and
+    MTOP.load reads them back with from_dict, so the file and the model never disagree.
+
+    mode:              a prompt setting of Fig. 1 (MODES; "none" is MT-DNN)
+    task_prompt_len:   L, prompt tokens per task (stored as 0 in "none", which has none)
+    shared_prompt_len: S (L' of the paper), shared prompt tokens (stored as 0 in every mode but "mtop")
+    prompt_entry:      where prompts join the embedded text (PROMPT_ENTRIES)
+    prompt_init:       how prompt vectors start (PROMPT_INITS, initial_prompts)
+    Raises ValueError naming the setting and its valid values.
+    """
+
+    mode: str = "mtop"
+    task_prompt_len: int = 4
+    shared_prompt_len: int = 32
+    prompt_entry: str = "after-norm"
+    prompt_init: str = "random"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        if self.prompt_entry not in PROMPT_ENTRIES or self.prompt_init not in PROMPT_INITS:
+            raise ValueError(f"prompt entry {self.prompt_entry!r} / init {self.prompt_init!r}: choose an entry "
+                             f"from {', '.join(PROMPT_ENTRIES)} and an init from {', '.join(PROMPT_INITS)}")
+        if self.prompt_init == "vocab-pos0" and self.prompt_entry != "after-norm":
+            raise ValueError("prompt init 'vocab-pos0' is defined for prompt entry 'after-norm' only")
+        for name in ("task_prompt_len", "shared_prompt_len"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        if self.mode != "none" and self.task_prompt_len < 1:
+            raise ValueError(f"mode {self.mode!r} needs task_prompt_len >= 1, got {self.task_prompt_len}")
+        if self.mode == "mtop" and self.shared_prompt_len < 0:
+            raise ValueError(f"shared_prompt_len must be >= 0, got {self.shared_prompt_len}")
+        # Lengths a mode does not use are stored as 0: two configs that build the same model are equal.
+        object.__setattr__(self, "task_prompt_len", self.task_prompt_len if self.mode != "none" else 0)
+        object.__setattr__(self, "shared_prompt_len", self.shared_prompt_len if self.mode == "mtop" else 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "prompt settings") -> PromptConfig:
+        """Read the keys to_dict writes (a folder written before prompt_entry and prompt_init existed used
+        "after-norm" and "vocab-pos0"); a missing or invalid one is a ValueError naming `source`."""
+        try:
+            return cls(mode=raw["mode"], task_prompt_len=raw["task_prompt_len"],
+                       shared_prompt_len=raw["shared_prompt_len"],
+                       prompt_entry=raw.get("prompt_entry", "after-norm"),
+                       prompt_init=raw.get("prompt_init", "vocab-pos0"))
+        except KeyError as err:
+            raise ValueError(f"{source}: missing field {err.args[0]!r}") from None
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 class TaskHead(nn.Module):
@@ -92,10 +148,9 @@ def initial_prompts(encoder: Electra, count: int, entry: str, init: str) -> torc
     and no position for "after-norm". (With BERT's vocabulary ~3% of draws are [unusedN] rows.)
     "vocab-pos0" ("after-norm" only): as "vocab", but each token embedded as the first token of a
     sentence, with position 0's embedding; the first version of this code did that, and it makes
-    the prompts alike (see RESULTS.md). "random" (the default): Gaussian vectors at the same scale:
+    the prompts alike (RESULTS.md). "random" (the default): Gaussian vectors at the same scale:
     through the embedding LayerNorm for "after-norm", with the word-embedding table's standard
-    deviation for the "input" entries. On the five-task mix, random prompts were ahead of "vocab" in
-    600-step runs (every one of 3 seeds) and level at 3,000 steps (RESULTS.md, sections 2 and 5).
+    deviation for the "input" entries. RESULTS.md compares the three.
     """
     if entry not in PROMPT_ENTRIES or init not in PROMPT_INITS:
         raise ValueError(f"prompt entry {entry!r} / init {init!r}: choose an entry from {', '.join(PROMPT_ENTRIES)} "
@@ -122,15 +177,14 @@ def initial_prompts(encoder: Electra, count: int, entry: str, init: str) -> torc
 class MTOP(nn.Module):
     """An encoder, task prompts (per `mode`) and one head per task; forward returns every task's logits."""
 
-    def __init__(self, encoder: Electra, tasks: list[tuple[str, int]], task_prompt_len: int = 4,
-                 shared_prompt_len: int = 32, mode: str = "mtop", freeze_encoder: bool = False,
-                 prompt_entry: str = "after-norm", prompt_init: str = "random"):
-        """tasks: (name, num_labels) pairs, num_labels = 1 for regression. Prompt lengths a mode
-        does not use are stored as 0 (L in "none", S in every mode but "mtop"). prompt_entry and
-        prompt_init: see PROMPT_ENTRIES and initial_prompts."""
+    def __init__(self, encoder: Electra, tasks: list[tuple[str, int]], prompts: PromptConfig | None = None,
+                 freeze_encoder: bool = False):
+        """tasks: (name, num_labels) pairs, num_labels = 1 for regression; prompts: the prompt settings
+        (default PromptConfig()); freeze_encoder: train prompts and heads only (prompt tuning)."""
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        prompts = PromptConfig() if prompts is None else prompts
+        if not isinstance(prompts, PromptConfig):
+            raise ValueError(f"prompts must be a PromptConfig, got {type(prompts).__name__}")
         tasks = [(str(name), int(num_labels)) for name, num_labels in tasks]
         names = [name for name, _ in tasks]
         if not tasks:
@@ -139,11 +193,7 @@ class MTOP(nn.Module):
             raise ValueError(f"duplicate task names: {', '.join(duplicates)}; give every task its own name")
         if bad := [f"{name} ({n})" for name, n in tasks if n < 1]:
             raise ValueError(f"num_labels must be >= 1 (1 means regression), got: {', '.join(bad)}")
-        if mode != "none" and task_prompt_len < 1:
-            raise ValueError(f"mode {mode!r} needs task_prompt_len >= 1, got {task_prompt_len}")
-        if mode == "mtop" and shared_prompt_len < 0:
-            raise ValueError(f"shared_prompt_len must be >= 0, got {shared_prompt_len}")
-        initial_prompts(encoder, 0, prompt_entry, prompt_init)  # checks the two names
+        mode, prompt_entry, prompt_init = prompts.mode, prompts.prompt_entry, prompts.prompt_init
 
         self.encoder = encoder
         self.mode = mode
@@ -151,8 +201,8 @@ class MTOP(nn.Module):
         self.task_names = names
         self.num_labels = dict(tasks)
         self.task_index = {name: i for i, name in enumerate(names)}
-        self.task_prompt_len = task_prompt_len if mode != "none" else 0
-        self.shared_prompt_len = shared_prompt_len if mode == "mtop" else 0
+        self.prompts = prompts
+        self.task_prompt_len, self.shared_prompt_len = prompts.task_prompt_len, prompts.shared_prompt_len
         self.freeze_encoder = freeze_encoder
         self.prompt_entry, self.prompt_init = prompt_entry, prompt_init
         if freeze_encoder:  # pure prompt tuning: only prompts and heads train
@@ -175,6 +225,11 @@ class MTOP(nn.Module):
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, tasks={len(self.tasks)}, task_prompt_len={self.task_prompt_len}, "
                 f"shared_prompt_len={self.shared_prompt_len}, prompt_entry={self.prompt_entry!r}")
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        """Every prompt vector block: the N task prompts P_i (L, E) and the shared prompts (S, E)."""
+        task = list(self.task_prompts) if self.task_prompts is not None else []
+        return task + ([self.shared_prompts] if self.shared_prompts is not None else [])
 
     def _check_task(self, task: str) -> int:
         if task not in self.task_index:
@@ -306,9 +361,7 @@ class MTOP(nn.Module):
         (tasks, prompt settings, encoder config, the caller's JSON-serialisable metadata)."""
         folder = Path(folder)
         settings = {"format": "mtop", "version": 1, "tasks": [list(task) for task in self.tasks],
-                    "mode": self.mode, "task_prompt_len": self.task_prompt_len,
-                    "shared_prompt_len": self.shared_prompt_len, "freeze_encoder": self.freeze_encoder,
-                    "prompt_entry": self.prompt_entry, "prompt_init": self.prompt_init,
+                    **self.prompts.to_dict(), "freeze_encoder": self.freeze_encoder,
                     "encoder_config": self.encoder.config.to_dict(), "metadata": metadata or {}}
         try:  # before touching the disk: a bad metadata value leaves the folder as it was
             text = json.dumps(settings, indent=2)
@@ -333,11 +386,9 @@ class MTOP(nn.Module):
         try:
             config = ElectraConfig.from_dict(settings["encoder_config"], source=str(settings_path))
             # Built on the meta device: no memory and no random init for values read from disk next.
+            prompts = PromptConfig.from_dict(settings, source=str(settings_path))
             with torch.device("meta"):
-                model = cls(Electra(config), settings["tasks"], settings["task_prompt_len"],
-                            settings["shared_prompt_len"], settings["mode"], settings["freeze_encoder"],
-                            # folders written before these two settings existed used these values
-                            settings.get("prompt_entry", "after-norm"), settings.get("prompt_init", "vocab-pos0"))
+                model = cls(Electra(config), settings["tasks"], prompts, settings["freeze_encoder"])
         except KeyError as err:
             raise ValueError(f"{settings_path}: missing field {err.args[0]!r}") from None
         except TypeError as err:

@@ -39,10 +39,11 @@ def child(options) -> None:
     import glue_data
     import scheduler
     import train
-    from mtop import MTOP
+    from mtop import MTOP, PromptConfig
+    from support import system
 
     if options.child == "fixed":
-        train.limit_heap_growth()
+        system.limit_heap_growth()
     torch.set_num_threads(options.threads)
     args = train.parse_args(["--data-dir", options.data_dir, "--tasks", options.tasks, "--probe-size", "1",
                              "--max-train-examples", "8551"])
@@ -52,7 +53,7 @@ def child(options) -> None:
     streams = {n: train.TaskStream(d["train"], d["train_idx"], 16, 0, 1) for n, d in data.items()}
     torch.manual_seed(0)
     model = MTOP(electra.Electra.from_pretrained(options.model), [(t.name, t.num_labels) for t in tasks],
-                 mode=options.mode).train()
+                 PromptConfig(options.mode)).train()
     optimizer, _ = train.make_optimizer(model, args, options.steps)
     times = []
     for _ in range(options.steps):
@@ -63,7 +64,7 @@ def child(options) -> None:
         times.append(time.perf_counter() - start)
     print(json.dumps({"variant": options.child, "peak_mib": status_mib("VmHWM:"), "end_mib": status_mib("VmRSS:"),
                       "ms_per_step": 1000 * statistics.mean(times[5:]),
-                      "threshold_mib": train.MMAP_THRESHOLD / 2 ** 20}), flush=True)
+                      "threshold_mib": system.MMAP_THRESHOLD / 2 ** 20}), flush=True)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from electra import Electra, ElectraConfig  # noqa: E402
-from mtop import MTOP  # noqa: E402
+from mtop import MTOP, PromptConfig  # noqa: E402
 
 
 def timed(fn, device: str) -> float:
@@ -69,7 +69,8 @@ def main() -> None:
 
     def model_for(mode: str, n: int) -> MTOP:
         tasks = [(f"task{i}", 2) for i in range(n)]
-        return MTOP(encoder, tasks, args.task_prompt_len, args.shared_prompt_len, mode=mode).to(args.device).eval()
+        prompts = PromptConfig(mode, args.task_prompt_len, args.shared_prompt_len)
+        return MTOP(encoder, tasks, prompts).to(args.device).eval()
 
     def median_seconds(models: dict[str, MTOP], repeats: dict[str, int]) -> dict[str, float]:
         """Time the models batch by batch in alternation, so that machine noise hits them alike."""

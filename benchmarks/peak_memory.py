@@ -10,7 +10,6 @@ children) is printed too, as a check on the sampling.
 """
 
 import argparse
-import os
 import resource
 import subprocess
 import sys

@@ -12,7 +12,6 @@ RESULTS.md is typed by hand.
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path

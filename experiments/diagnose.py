@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import glue_data  # noqa: E402
 import train  # noqa: E402
+from support.labelling import predict_encoded  # noqa: E402
 
 
 @torch.no_grad()
@@ -96,7 +97,7 @@ def measure(model, task, batch, dev, args) -> dict:
         result |= {"attention_text_to_prompts": text_to_prompt, "attention_prompts_to_text": prompt_to_text,
                    "text_shift": shift}
     encoded = dev
-    predictions = train.predict_encoded(model, task.name, encoded, None, "cpu", "fp32", args.scale)
+    predictions = predict_encoded(model, task.name, encoded, None, "cpu", "fp32", args.scale)
     metrics = glue_data.compute_metrics(task, predictions, encoded.labels)
     result["dev"] = glue_data.task_score(task, metrics)
     if task.kind == "classification":
@@ -124,13 +125,15 @@ def run(config: dict, options) -> dict:
     batch = glue_data.collate(dev, np.sort(rows))
     options.scale = data[task.name]["scale"]
 
-    groups = {"task_prompts": lambda n: n.startswith("task_prompts"), "shared_prompts": lambda n: n == "shared_prompts",
-              "heads": lambda n: n.startswith("heads"), "encoder": lambda n: n.startswith("encoder")}
+    shared = [model.shared_prompts] if model.shared_prompts is not None else []
+    groups = {"task_prompts": [p for p in model.prompt_parameters() if not any(p is s for s in shared)],
+              "shared_prompts": shared, "heads": list(model.heads.parameters()),
+              "encoder": list(model.encoder.parameters())}
     norms = {g: [] for g in groups}
 
     def record_gradients(opt, *_):  # runs inside train_step, after backward and clipping, before AdamW
-        for group, belongs in groups.items():
-            grads = [p.grad for n, p in model.named_parameters() if belongs(n) and p.grad is not None]
+        for group, params in groups.items():
+            grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 norms[group].append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 

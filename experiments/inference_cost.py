@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import glue_data  # noqa: E402
 from electra import Electra  # noqa: E402
-from mtop import MTOP  # noqa: E402
+from mtop import MTOP, PromptConfig  # noqa: E402
 from run import machine  # noqa: E402  (experiments/run.py: the CPU model and the GPU, if any)
 
 METHODS = {"single": ("none", 0), "mtdnn": ("none", 0), "prompt-tuning": ("separate", 0), "concat": ("concat", 0),
@@ -72,8 +72,9 @@ def main() -> None:
     for name, (mode, shared) in METHODS.items():
         torch.manual_seed(0)
         copies = len(tasks) if name == "single" else 1  # single-task: one model per task
-        models[name] = [MTOP(Electra.from_pretrained(options.model), heads if copies == 1 else [heads[k]], 4, shared,
-                             mode).to(device).eval() for k in range(copies)]
+        prompts = PromptConfig(mode, task_prompt_len=4, shared_prompt_len=shared)
+        models[name] = [MTOP(Electra.from_pretrained(options.model), heads if copies == 1 else [heads[k]],
+                             prompts).to(device).eval() for k in range(copies)]
         passes[name] = 0
         for model in models[name]:
             encode = model.encoder.encode

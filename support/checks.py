@@ -1,0 +1,130 @@
+"""The checks every input of a training run passes before any work: flags that name things on this
+machine, the task set and its files (downloaded when --data-dir holds no GLUE file), every split read
+once, the model folder and its vocabulary. Bad input ends the run with one message naming the file,
+line or flag and the fix, before a step is trained or a file written.
+
+    tasks, model_dir, model_folder, tokenizer = prepare_inputs(args, rank, world, device)
+    with user_errors(): ...        # FileNotFoundError / ValueError / OSError -> "error: ..." and exit 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import glue_data
+from electra import ElectraConfig, resolve_pretrained
+from support.glue_download import download_glue
+from support.system import cpu_has_bf16, log
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the clear errors of bad input (a missing file, an unknown task, a malformed row, a
+    checkpoint that does not match) into one message and exit status 1, without a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}, but torch sees no CUDA device here (a CPU-only build of "
+                         "torch, or no GPU): use --device cpu")
+
+
+def check_flags(args, device: str) -> None:
+    """The flags that name things on this machine, before anything is read or downloaded."""
+    check_device(device)
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --output-dir {out} is a file, not a folder; give a folder")
+
+
+def check_data(tasks: list[glue_data.Task], args) -> None:
+    """Every split of every task, test files included, is read once before the first step: a broken file
+    is found now, not after hours of training."""
+    for task in tasks:
+        for split in task.splits:
+            if split.startswith("test") and not task.path(split, args.data_dir).is_file():
+                continue  # left out of the test predictions, with a note at the end
+            examples = glue_data.load_split(task, split, args.data_dir)
+            if not examples.text_a:
+                raise ValueError(f"{examples.path}: no examples (only a header?); task {task.name} needs "
+                                 f"rows in its {split} file")
+        if args.max_length < 3 + 2 * (len(task.text) - 1):
+            raise ValueError(f"--max-length {args.max_length} leaves no room for the text of {task.name}: "
+                             f"[CLS] and [SEP] take {1 + len(task.text)} of them")
+
+
+def check_model(model_folder: Path, tokenizer, config: ElectraConfig, args) -> None:
+    """The vocabulary must be the model's own: ids beyond the embedding table would fail deep inside
+    torch, and a much smaller vocabulary is a sign of the wrong tokenizer files."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size or size < 0.95 * config.vocab_size:
+        raise ValueError(f"{model_folder}: the vocabulary has {size} tokens but the model's embedding table "
+                         f"has {config.vocab_size} rows (config.json); give the model folder with its own "
+                         "vocab.txt or tokenizer.json")
+    if args.max_length > config.max_position_embeddings:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+
+
+def fetch_glue_if_absent(tasks: list[glue_data.Task], args, rank: int, world: int) -> None:
+    """--task-set glue with a --data-dir that holds no GLUE file: rank 0 downloads the tasks (and AX with
+    MNLI) while the other ranks wait. Then every train and dev file must be there."""
+    glue_files = [t.path(split, args.data_dir) for t in glue_data.GLUE_TASKS.values() for split in t.splits]
+    if rank == 0 and args.task_set == "glue" and not any(p.is_file() for p in glue_files):
+        names = [t.name for t in tasks] + (["AX"] if any(t.name == "MNLI" for t in tasks) else [])
+        try:
+            download_glue(args.data_dir, names)
+        except OSError as err:
+            raise SystemExit(f"error: {err}\nFix: without network, put the GLUE task folders (CoLA/, SST-2/, "
+                             "...) in a folder and pass it with --data-dir") from None
+    if world > 1:
+        dist.barrier()  # the other ranks read what rank 0 downloaded
+    missing = glue_data.missing_files(tasks, args.data_dir, splits=("train", "dev"))
+    if missing:
+        have = [t.name for t in tasks if not glue_data.missing_files([t], args.data_dir, ("train", "dev"))]
+        raise SystemExit("error: missing data files:\n  " + "\n  ".join(map(str, missing)) +
+                         "\nFix: a --data-dir without GLUE files (e.g. a new folder) gets GLUE downloaded, "
+                         "or train on the tasks you have" + (f" with --tasks {','.join(have)}" if have else
+                                                             " (--tasks)") + ".")
+
+
+def fetch_model(args, rank: int, world: int) -> tuple[Path, Path]:
+    """(model_dir, model_folder): --model as a local folder or .safetensors file, or a hub name that rank 0
+    downloads once into --cache-dir; model_folder is the folder that holds config.json."""
+    cache_dir = Path(args.cache_dir).expanduser()
+    if rank == 0:
+        try:
+            resolve_pretrained(args.model, cache_dir=cache_dir)
+        except OSError as err:
+            raise SystemExit(f"error: {err}\nFix: pass a local model folder (config.json, model.safetensors, "
+                             "vocab.txt or tokenizer.json) with --model") from None
+    if world > 1:
+        dist.barrier()
+    model_dir = resolve_pretrained(args.model, cache_dir=cache_dir)  # a folder, or a .safetensors file in one
+    return model_dir, model_dir if model_dir.is_dir() else model_dir.parent
+
+
+def prepare_inputs(args, rank: int, world: int, device: str):
+    """Every input of a training run, checked: (tasks, model_dir, model_folder, tokenizer). Data files and
+    the model are downloaded where they are missing and can be; bad input ends the run with one message."""
+    check_flags(args, device)
+    with user_errors():
+        names = [n for n in args.tasks.split(",") if n] or None
+        tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
+        fetch_glue_if_absent(tasks, args, rank, world)
+        check_data(tasks, args)
+        model_dir, model_folder = fetch_model(args, rank, world)
+        tokenizer = glue_data.load_tokenizer(model_folder)
+        check_model(model_folder, tokenizer, ElectraConfig.from_json(model_folder / "config.json"), args)
+    if device == "cpu" and args.dtype == "bf16" and not cpu_has_bf16():
+        log("warning: --dtype bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX) emulates them, "
+            "tens of times slower than fp32: use --dtype fp32 on this machine", rank)
+    return tasks, model_dir, model_folder, tokenizer

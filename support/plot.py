@@ -1,0 +1,37 @@
+"""training.png: a run's dev scores over steps and the share of steps each task got, from its log.jsonl.
+Needs matplotlib, which is not a dependency of the project: without it nothing is drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot(out: Path) -> None:
+    """Dev scores over steps and how often each task was chosen (needs matplotlib; skipped without)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
+    evals = [r for r in records if r["event"] == "eval"]
+    steps = [r for r in records if r["event"] == "step"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    for name in evals[0]["scores"] if evals else []:
+        left.plot([r["step"] for r in evals], [100 * r["scores"][name] for r in evals], label=name, marker="o")
+    left.set(title="dev score", xlabel="step")
+    left.legend()
+    counts: dict[str, int] = {}
+    for i, r in enumerate(steps, 1):
+        counts[r["task"]] = counts.get(r["task"], 0) + 1
+        r["share"] = dict(counts)
+    for name in counts:
+        right.plot([r["step"] for r in steps], [r["share"].get(name, 0) / i for i, r in enumerate(steps, 1)],
+                   label=name)
+    right.set(title="fraction of steps per task (cumulative)", xlabel="step")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=100)
+    plt.close(fig)

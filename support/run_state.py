@@ -1,0 +1,335 @@
+"""A training run's folder and state: what train.py needs to stop at any moment and go on bitwise.
+
+    run = Run(args, parts, fingerprint, rank, world, device)   # a new run, or --resume's checkpoint
+    run.step, run.best, run.history                              # where the run stands
+    run.step_done(task, loss, examples, seconds, lr)             # history, log.jsonl, progress line
+    run.keep_if_best(result, metadata, model_folder)             # best/ when the dev average improved
+    run.save()                                                   # checkpoint.safetensors (every rank calls)
+
+Files in --output-dir:
+    checkpoint.safetensors  the whole state: weights, AdamW, schedule, sampler, data streams, random
+                            generators, step, best, history, flags; tensors as tensors, the rest as JSON
+                            in the file's metadata: loading it runs no code (no pickle)
+    log.jsonl               one record per step, probe and evaluation (a resumed run drops what came
+                            after its checkpoint and logs it again)
+    args.json               the flags of the run
+    best/                   the best model so far (MTOP.save, with the vocabulary): --predict reads it
+Every file is written whole or not at all (support.files.atomic_write), and nothing non-finite is ever
+written: a diverging run stops with one message and the last good state on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mtop import MTOP
+from support.files import atomic_write
+from support.system import log
+
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never loaded (it could run code)
+# Flags that may differ between a run and its resumption; every other flag shapes the trajectory.
+RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir"}
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or weight that is NaN or infinite: the run stops instead of training on it."""
+
+
+def check_finite(model: MTOP) -> None:
+    """Before anything is written: refuse weights that hold a NaN or an infinity."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"non-finite weights in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+# -- checkpoints: one safetensors file, no pickle, written atomically ------------------------------
+
+def split_tensors(obj, tensors: dict[str, torch.Tensor], key: str = "t"):
+    """obj with every tensor (and numpy array) replaced by {"tensor": name}, the tensor stored in `tensors`:
+    the rest is plain JSON. Tuples become lists; join_tensors undoes the rest."""
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj)
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().contiguous().cpu()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {str(k): split_tensors(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def join_tensors(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if set(obj) == {"tensor"}:
+            return tensors[obj["tensor"]]
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """The whole training state in one safetensors file: tensors as tensors, everything else as JSON
+    in the file's metadata. Loading it runs no code (no pickle); the rename makes it atomic."""
+    tensors: dict[str, torch.Tensor] = {}
+    text = json.dumps(split_tensors(state, tensors))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"mtop_checkpoint": text}))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a file written by save_checkpoint; a damaged or foreign file gets one message."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("mtop_checkpoint")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if text is None:
+            raise ValueError("no training state in its metadata")
+        return join_tensors(json.loads(text), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is damaged or not a checkpoint of train.py ({err}). Delete it to start "
+                         "this run again, or give another --output-dir") from None
+
+
+def rng_state(device: str) -> dict:
+    """This process's random generators (dropout draws differ per rank: each rank saves its own)."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"name": name, "key": key, "pos": position, "has_gauss": has_gauss, "gauss": gauss},
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
+def set_rng_state(state: dict, device: str) -> None:
+    torch.set_rng_state(state["torch"].cpu())  # generator states must be CPU byte tensors
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state["cuda"] is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+class JsonlLog:
+    """log.jsonl: one JSON record per step, probe and evaluation (only rank 0 writes)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate(self, step: int) -> None:
+        """Drop what was logged after the checkpoint of `step` (a resumed run logs it again), and a
+        last line cut off by a crash."""
+        if not self.path.exists():
+            return
+        records = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"{self.path}:{number}: an unreadable record (cut off by a crash?) is dropped", flush=True)
+                continue
+            if r["step"] < step or r["step"] == step and r["event"] != "probe":
+                records.append(line)
+        atomic_write(self.path, lambda p: p.write_text("".join(line + "\n" for line in records), encoding="utf-8"))
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def save_best(model: MTOP, metadata: dict, model_folder: Path, folder: Path) -> None:
+    """The model, its settings and the vocabulary (so --predict needs nothing else), written to a new
+    folder that then replaces `folder`: a crash leaves the previous best model whole."""
+    fresh, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(fresh, ignore_errors=True)
+    model.save(fresh, metadata)
+    for name in ("vocab.txt", "tokenizer.json"):
+        if (model_folder / name).exists():
+            shutil.copyfile(model_folder / name, fresh / name)
+    if folder.exists():
+        folder.rename(old)
+    fresh.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def data_fingerprint(tasks: list, data: dict) -> dict[str, str]:
+    """A digest of each task's training rows as trained on: a resumed run must see the same data."""
+    out = {}
+    for task in tasks:
+        encoded, rows = data[task.name]["train"], data[task.name]["train_idx"]
+        digest = hashlib.sha256(encoded.ids.tobytes() + encoded.offsets.tobytes() + rows.tobytes())
+        if encoded.labels is not None:
+            digest.update(encoded.labels.tobytes())
+        out[task.name] = digest.hexdigest()[:16]
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+class Run:
+    """The state of one training run in args.output_dir, new or resumed (--resume), and its files.
+
+    parts: {"model", "optimizer", "lr_schedule", "sampler", "streams"}, the objects a checkpoint holds;
+    fingerprint: data_fingerprint of the training data. Refuses (SystemExit, one message) to overwrite
+    another run's checkpoint, to load a pickle one, and to resume with other flags or other data.
+    """
+
+    def __init__(self, args, parts: dict, fingerprint: dict, rank: int, world: int, device: str):
+        self.args, self.parts, self.fingerprint = args, parts, fingerprint
+        self.rank, self.world, self.device = rank, world, device
+        self.out = Path(args.output_dir)
+        self.path = self.out / CHECKPOINT
+        self.step, self.best, self.history = 0, {"average": -math.inf, "step": 0}, []
+        self._open()
+        self.log = JsonlLog(self.out / "log.jsonl", rank == 0)
+        self.losses: list[float] = []  # this invocation's
+        self.invocation_steps, self.seen, self.train_seconds = 0, 0, 0.0
+        self.started = self.last_line = time.perf_counter()
+        self.drawn = hashlib.sha256()  # the batches this rank drew (torchrun's agreement check)
+
+    def _open(self) -> None:
+        if (self.out / LEGACY_CHECKPOINT).exists():
+            raise SystemExit(f"error: {self.out / LEGACY_CHECKPOINT} is a checkpoint of an earlier train.py, a "
+                             "pickle file. It is not loaded: unpickling a file can run any code in it. Start a new "
+                             "run in another --output-dir.")
+        if self.args.resume:
+            if not self.path.exists():
+                raise SystemExit(f"error: --resume: no checkpoint at {self.path} (start without --resume)")
+            self._restore()
+            if self.rank == 0:
+                JsonlLog(self.out / "log.jsonl", True).truncate(self.step)
+            log(f"resumed from {self.path} at step {self.step}", self.rank)
+        elif self.path.exists():
+            raise SystemExit(f"error: {self.path} exists: continue that run with --resume, or give another "
+                             "--output-dir")
+        elif self.rank == 0:
+            (self.out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out / "args.json", lambda p: p.write_text(json.dumps(vars(self.args), indent=2)))
+
+    def _restore(self) -> None:
+        """Load the checkpoint into the parts; refuse one written with other settings or other data."""
+        try:
+            state = load_checkpoint(self.path)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {v!r}" for k, v in vars(self.args).items()
+                   if k not in RUN_ONLY and state["args"].get(k) != v]
+        if state["world"] != self.world:  # the batch per step, the schedule and the data order depend on it
+            changed.append(f"{state['world']} -> {self.world} processes")
+        changed += [f"the training data of {name} changed" for name, digest in self.fingerprint.items()
+                    if state.get("data", {}).get(name) != digest]
+        if changed:
+            raise SystemExit(f"error: --resume: {self.path} was written with other settings: {'; '.join(changed)}. "
+                             "Resume with the same ones, or start a new run in another --output-dir.")
+        parts = self.parts
+        parts["model"].load_state_dict(state["model"])
+        optimizer_state = state["optimizer"]
+        optimizer_state["state"] = {int(k): v for k, v in optimizer_state["state"].items()}  # JSON keys: strings
+        parts["optimizer"].load_state_dict(optimizer_state)
+        parts["lr_schedule"].load_state_dict(state["lr_schedule"])
+        parts["sampler"].load_state_dict(state["sampler"])
+        for name, s in state["streams"].items():
+            parts["streams"][name].load_state_dict(s)
+        set_rng_state(state["rng"][self.rank], self.device)
+        self.step, self.best, self.history = state["step"], state["best"], state["history"]
+
+    @contextlib.contextmanager
+    def stop_if_diverged(self):
+        """Around a training step: a non-finite loss or gradient ends the run with one message."""
+        try:
+            yield
+        except NonFiniteError as err:
+            raise SystemExit(f"error: training diverged at step {self.step + 1} ({err}). Nothing of this step "
+                             f"was kept: {self.path} and {self.out / 'best'} hold the last good state, if any. "
+                             "Lower --lr, or check the data of this task.") from None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Weights that went non-finite stop the run before they are written anywhere; a write that fails
+        (a full disk) stops it with one message."""
+        try:
+            yield
+        except NonFiniteError as err:
+            raise SystemExit(f"error: at step {self.step}: {err}. Nothing was written: {self.path} and "
+                             f"{self.out / 'best'} hold the last good state, if any. Lower --lr.") from None
+        except OSError as err:
+            raise SystemExit(f"error: at step {self.step}: {err}") from None
+
+    def step_done(self, task: str, loss: float, batch: dict, seconds: float, lr: float) -> None:
+        """Count a finished training step: history, log.jsonl, and the drawn batch under torchrun."""
+        if self.world > 1:
+            self.drawn.update(batch["input_ids"].numpy().tobytes())
+        self.step, self.invocation_steps = self.step + 1, self.invocation_steps + 1
+        self.seen += len(batch["labels"]) * self.world
+        self.losses.append(loss)
+        self.train_seconds += seconds
+        self.history.append(task)
+        self.log.write(event="step", step=self.step, task=task, loss=loss, lr=lr)
+
+    def progress(self, total_steps: int, epoch: int, epochs: int) -> None:
+        """A progress line every --log-every steps, at the end, and at least every 30 seconds."""
+        now = time.perf_counter()
+        if not (self.step % self.args.log_every == 0 or self.step == total_steps or now - self.last_line > 30
+                or self.invocation_steps == 1):
+            return
+        self.last_line = now
+        eta = (now - self.started) / self.invocation_steps * (total_steps - self.step)
+        log(f"step {self.step}/{total_steps} | epoch {epoch}/{epochs} | {self.history[-1]} | loss "
+            f"{np.mean(self.losses[-self.args.log_every:]):.4f} | {self.seen / self.train_seconds:.1f} train ex/s | "
+            f"ETA {eta / 60:.1f} min", self.rank)
+
+    def keep_if_best(self, result: dict, metadata: dict, model_folder: Path) -> None:
+        """Rank 0, after a dev evaluation: write best/ if its GLUE average beats every earlier one."""
+        if result["average"] > self.best["average"]:
+            self.best = {"average": result["average"], "step": self.step, "scores": result["scores"]}
+            with self._writing():
+                check_finite(self.parts["model"])
+                save_best(self.parts["model"], metadata | {"step": self.step, "dev": result}, model_folder,
+                          self.out / "best")
+
+    def save(self) -> None:
+        """checkpoint.safetensors. Every rank calls it: each one's random generators are gathered."""
+        rngs = [rng_state(self.device)]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state(self.device))
+        if self.rank != 0:
+            return
+        p = self.parts
+        with self._writing():
+            check_finite(p["model"])
+            save_checkpoint(self.path, {
+                "model": p["model"].state_dict(), "optimizer": p["optimizer"].state_dict(),
+                "lr_schedule": p["lr_schedule"].state_dict(), "sampler": p["sampler"].state_dict(),
+                "streams": {n: s.state_dict() for n, s in p["streams"].items()}, "rng": rngs, "step": self.step,
+                "best": self.best, "history": self.history, "args": vars(self.args), "world": self.world,
+                "data": self.fingerprint})
+
+    def finish(self) -> None:
+        """Under torchrun: print this rank's fingerprint (the same tasks and weights on every rank, their own
+        batches) and end the process group; rank 0 alone writes what follows."""
+        if self.world == 1:
+            return
+        model = self.parts["model"]
+        weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in model.state_dict().values()))
+        tasks_seen = hashlib.sha256(" ".join(self.history).encode())
+        print(f"rank {self.rank}: {self.step} steps, tasks {tasks_seen.hexdigest()[:16]}, weights "
+              f"{weights.hexdigest()[:16]}, batches {self.drawn.hexdigest()[:16]}", flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
