@@ -64,11 +64,12 @@ class ElectraConfig:
     pad_token_id: int = 0
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "ElectraConfig":
+    def from_dict(cls, raw: dict, source: str = "config") -> ElectraConfig:
         """Read an ELECTRA or BERT config; refuse what this encoder does not implement."""
         model_type = raw.get("model_type")
         if model_type not in ("electra", "bert"):
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported (use 'electra' or 'bert')")
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported (use 'electra' or "
+                             "'bert')")
         # NOTE: "gelu" in Hugging Face configs is the exact erf GELU, not the tanh approximation.
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
@@ -84,7 +85,7 @@ class ElectraConfig:
         return config
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ElectraConfig":
+    def from_json(cls, path: str | Path) -> ElectraConfig:
         raw = read_json(Path(path), "a model folder needs config.json next to model.safetensors")
         return cls.from_dict(raw, source=str(path))
 
@@ -271,7 +272,7 @@ class Electra(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path, cache_dir: str | Path | None = None,
-                        hub_url: str = HUB_URL) -> "Electra":
+                        hub_url: str = HUB_URL) -> Electra:
         """Load a Hugging Face folder, a `.safetensors` file (config.json beside it) or a hub name."""
         path = resolve_pretrained(path_or_name, cache_dir=cache_dir, hub_url=hub_url)
         folder, weights = (path.parent, path) if path.is_file() else (path, path / "model.safetensors")
@@ -285,10 +286,13 @@ class Electra(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
-        tensors = {hf: (state[ours] if part is None else state[ours].chunk(3)[part]).detach().contiguous().cpu()
+        tensors = {hf: (state[ours] if part is None
+                        else state[ours].chunk(3)[part]).detach().contiguous().cpu()
                    for hf, (ours, part) in hf_name_table(self.config).items()}
-        atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(self.config.to_dict(), indent=2)))
-        atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(self.config.to_dict(),
+                                                                               indent=2)))
+        atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p),
+                                                                       metadata={"format": "pt"}))
 
 
 # -- weight loading: one name table, one list of keys dropped on purpose, one strict check ------
@@ -391,7 +395,8 @@ def resolve_pretrained(path_or_name: str | Path, cache_dir: str | Path | None = 
     name = str(path_or_name)
     if not HUB_NAME.match(name) or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name}: no such model folder or file (give a folder with config.json "
-                                "and model.safetensors, or a hub name like google/electra-base-discriminator)")
+                                "and model.safetensors, or a hub name like "
+                                "google/electra-base-discriminator)")
     folder = Path(cache_dir or DEFAULT_CACHE) / "models" / name.replace("/", "--")
     if not (folder / "model.safetensors").exists():
         download_model(name, folder, hub_url)

@@ -10,7 +10,7 @@ The path of the data through this file:
 Paper map (MTOP, section 4.1 and Table 1):
     max sequence length 128               -> encode(max_length=128), longest-first truncation for pairs
     batch 16, one task per training step  -> batch_order(...) per task; the trainer picks the task
-    dev metric m of Eq. (4)               -> compute_metrics + task_score: the mean of the task's metrics, 0..1
+    dev metric m of Eq. (4)               -> compute_metrics + task_score: mean of the task's metrics, 0..1
     GLUE average of Table 1               -> glue_average (a mean over tasks; MNLI m/mm count as one)
 
 Custom task sets (--task-set my_tasks.json; paths are relative to the JSON file; test, labels, metric and
@@ -107,7 +107,8 @@ _PAIR = ("sentence1", "sentence2")
 GLUE_TASKS: dict[str, Task] = {task.name: task for task in (
     Task("CoLA", "classification", _BINARY, ("mcc",), _files("CoLA", *_SPLITS), ("sentence",), "label",
          no_header=("source", "label", "annotation", "sentence")),
-    Task("SST-2", "classification", _BINARY, ("accuracy",), _files("SST-2", *_SPLITS), ("sentence",), "label"),
+    Task("SST-2", "classification", _BINARY, ("accuracy",), _files("SST-2", *_SPLITS), ("sentence",),
+         "label"),
     Task("MRPC", "classification", _BINARY, ("f1", "accuracy"), _files("MRPC", *_SPLITS),
          ("#1 String", "#2 String"), "Quality"),
     Task("STS-B", "regression", None, ("spearman", "pearson"), _files("STS-B", *_SPLITS), _PAIR, "score"),
@@ -206,8 +207,10 @@ def _task_from_json(entry: object, number: int, path: Path) -> Task:
         return tuple(value)
 
     name, kind = entry["name"], entry["type"]
-    if not isinstance(name, str) or not name.strip() or any(c in name for c in '/\\:*?"<>|') or name in (".", ".."):
-        raise ValueError(f"{where}: 'name' must be a non-empty string that can name a file (no / \\ : * ? \" < > |)")
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in '/\\:*?"<>|') or name in (".",
+                                                                                                         ".."):
+        raise ValueError(f"{where}: 'name' must be a non-empty string that can name a file (no / \\ : * ? \" "
+                         "< > |)")
     if kind not in ("classification", "regression"):
         raise ValueError(f"{where}: 'type' must be 'classification' or 'regression', got {kind!r}")
     allowed = ("accuracy", "f1", "mcc") if kind == "classification" else ("pearson", "spearman")
@@ -219,7 +222,8 @@ def _task_from_json(entry: object, number: int, path: Path) -> Task:
     task = Task(name, kind, None, metrics, files, strings("text", None, 1, 2), strings("label", None)[0],
                 missing=strings("missing", [], 0, 10_000))
     if task.label in task.text or len(set(task.text)) != len(task.text):
-        raise ValueError(f"{where}: the columns must differ: 'text' {list(task.text)}, 'label' {task.label!r}")
+        raise ValueError(f"{where}: the columns must differ: 'text' {list(task.text)}, "
+                         f"'label' {task.label!r}")
     if "labels" in entry and kind == "regression":
         raise ValueError(f"{where}: 'labels' is only for classification tasks")
     if kind == "regression":
@@ -279,8 +283,8 @@ def missing_files(tasks: list[Task], data_dir: str | Path,
 def _missing_message(task: Task, split: str, path: Path) -> str:
     if GLUE_TASKS.get(task.name) == task:
         return (f"{task.name} {split}: {path} does not exist. Download GLUE (train.py fetches it into a "
-                f"--data-dir that holds no GLUE file yet; or support.glue_download.download_glue), or leave {task.name} out "
-                f"with --tasks.")
+                "--data-dir that holds no GLUE file yet; or support.glue_download.download_glue), or leave "
+                f"{task.name} out with --tasks.")
     return f"task {task.name!r} {split}: {path} does not exist; check the path in the task-set JSON file."
 
 
@@ -403,7 +407,8 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
         tokenizer.decoder = decoders.WordPiece()
         # A literal "[SEP]" in a text is the special token, as in BERT's own tokenizer.
-        tokenizer.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+        tokenizer.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                  "[MASK]") if t in vocab])
     else:
         raise FileNotFoundError(f"{model_dir}: has neither tokenizer.json nor vocab.txt")
     # NOTE: hub tokenizer.json files may switch padding and truncation on (all-MiniLM-L6-v2 pads every
@@ -466,7 +471,8 @@ def load_encoded(task: Task, split: str, data_dir: str | Path, tokenizer: Tokeni
         raise FileNotFoundError(_missing_message(task, split, path))
     if cache_dir is not None:
         _set_truncation(tokenizer, max_length)  # so that the tokenizer's JSON is the same on every call
-        spec = (task.text, task.label, task.labels, task.kind, task.missing, task.short_rows_ok, task.no_header)
+        spec = (task.text, task.label, task.labels, task.kind, task.missing, task.short_rows_ok,
+                task.no_header)
         key = hashlib.sha256()
         for part in (_CACHE_VERSION, hashlib.sha256(path.read_bytes()).hexdigest(), tokenizer.to_str(),
                      str(max_length), repr(spec), split):
@@ -520,7 +526,8 @@ def batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(encoded: Encoded, indices: np.ndarray, pad_id: int = 0, multiple: int = 1) -> dict[str, torch.Tensor]:
+def collate(encoded: Encoded, indices: np.ndarray, pad_id: int = 0, multiple: int = 1) -> dict[str,
+                                                                                               torch.Tensor]:
     """The examples `indices` as a batch padded to its longest example (not to max_length), rounded up
     to a multiple of `multiple` (8 on GPUs: few distinct shapes, each of which may cost a kernel plan)."""
     indices = np.asarray(indices)
@@ -550,7 +557,8 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 def f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     """F1 of the positive class, label index 1 (MRPC paraphrase, QQP duplicate); 0 without true positives."""
     true_pos = np.sum((predictions == 1) & (labels == 1))
-    false_pos, false_neg = np.sum((predictions == 1) & (labels != 1)), np.sum((predictions != 1) & (labels == 1))
+    false_pos = np.sum((predictions == 1) & (labels != 1))
+    false_neg = np.sum((predictions != 1) & (labels == 1))
     return float(2 * true_pos / (2 * true_pos + false_pos + false_neg)) if true_pos else 0.0
 
 
@@ -558,7 +566,8 @@ def matthews_corrcoef(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Matthews correlation (Gorodkin's K-class form; the usual formula for 2 classes); 0 if undefined."""
     classes = int(max(predictions.max(), labels.max())) + 1
     confusion = np.bincount(labels * classes + predictions, minlength=classes * classes)
-    confusion = confusion.reshape(classes, classes).astype(np.float64)  # (true, predicted); floats: no overflow
+    confusion = confusion.reshape(classes,
+                                  classes).astype(np.float64)  # (true, predicted); floats: no overflow
     total, correct = confusion.sum(), np.trace(confusion)
     true_counts, predicted_counts = confusion.sum(1), confusion.sum(0)
     numerator = correct * total - predicted_counts @ true_counts
@@ -672,7 +681,8 @@ def write_submission(tasks: list[Task], predictions: dict[str, np.ndarray], out_
     for key in ordered:
         name, _, split = key.partition("/")
         task = trained.get(name, GLUE_TASKS["AX"] if name == "AX" else None)  # a custom task may be named AX
-        if task is None or split not in task.test_splits or (task is GLUE_TASKS["AX"] and "MNLI" not in trained):
+        if task is None or split not in task.test_splits or (task is GLUE_TASKS["AX"]
+                                                             and "MNLI" not in trained):
             raise ValueError(f"predictions for {key!r}, but that is not a test split of a trained task "
                              f"(trained: {', '.join(trained)}; AX needs MNLI)")
         is_glue = GLUE_TASKS.get(name) == task

@@ -87,8 +87,9 @@ class PromptConfig:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
         if self.prompt_entry not in PROMPT_ENTRIES or self.prompt_init not in PROMPT_INITS:
-            raise ValueError(f"prompt entry {self.prompt_entry!r} / init {self.prompt_init!r}: choose an entry "
-                             f"from {', '.join(PROMPT_ENTRIES)} and an init from {', '.join(PROMPT_INITS)}")
+            raise ValueError(f"prompt entry {self.prompt_entry!r} / init {self.prompt_init!r}: choose an "
+                             f"entry from {', '.join(PROMPT_ENTRIES)} and an init from "
+                             f"{', '.join(PROMPT_INITS)}")
         if self.prompt_init == "vocab-pos0" and self.prompt_entry != "after-norm":
             raise ValueError("prompt init 'vocab-pos0' is defined for prompt entry 'after-norm' only")
         for name in ("task_prompt_len", "shared_prompt_len"):
@@ -152,11 +153,7 @@ def initial_prompts(encoder: Electra, count: int, entry: str, init: str) -> torc
     through the embedding LayerNorm for "after-norm", with the word-embedding table's standard
     deviation for the "input" entries. RESULTS.md compares the three.
     """
-    if entry not in PROMPT_ENTRIES or init not in PROMPT_INITS:
-        raise ValueError(f"prompt entry {entry!r} / init {init!r}: choose an entry from {', '.join(PROMPT_ENTRIES)} "
-                         f"and an init from {', '.join(PROMPT_INITS)}")
-    if init == "vocab-pos0" and entry != "after-norm":
-        raise ValueError("prompt init 'vocab-pos0' is defined for prompt entry 'after-norm' only")
+    PromptConfig(prompt_entry=entry, prompt_init=init)  # a ValueError names a wrong entry or init
     words = encoder.word_embeddings.weight  # (V, E)
     with torch.no_grad():
         if init == "random":
@@ -216,7 +213,8 @@ class MTOP(nn.Module):
         # task j is trained, which is what gradient stopping means for an optimizer with state.
         initial = initial_prompts(encoder, N * L, prompt_entry, prompt_init).view(N, L, E)
         self.task_prompts = nn.ParameterList(nn.Parameter(p.clone()) for p in initial) if L else None
-        self.shared_prompts = nn.Parameter(initial_prompts(encoder, S, prompt_entry, prompt_init)) if S else None
+        self.shared_prompts = nn.Parameter(initial_prompts(encoder, S, prompt_entry,
+                                                           prompt_init)) if S else None
         # A list, not a dict keyed by name: task names may hold characters ('.') modules refuse.
         self.heads = nn.ModuleList(TaskHead(D, n, encoder.config.hidden_dropout_prob) for _, n in tasks)
         self.heads.apply(Electra._init_weights)  # BERT's init: normal(0, 0.02), zero bias
@@ -303,7 +301,8 @@ class MTOP(nn.Module):
             cls = self.encode(input_ids, attention_mask, token_type_ids, None, rows=slice(0, 1))  # (B, 1, D)
             features = cls.expand(-1, len(names), -1)  # (B, len(names), D)
         else:
-            first = 0 if active_task is None else self.task_index[active_task]  # the first task whose rows we read
+            # the first task whose rows we read
+            first = 0 if active_task is None else self.task_index[active_task]
             hidden = self.encode(input_ids, attention_mask, token_type_ids, self.prompt_pool(active_task),
                                  rows=slice(first * L, (first + len(names)) * L))  # (B, len(names)*L, D)
             features = hidden.unflatten(1, (len(names), L)).mean(dim=2)  # Eq. (1): (B, len(names), D)
@@ -334,11 +333,13 @@ class MTOP(nn.Module):
             self._stacked_heads = (key, dense_weight, dense_bias, out_weight, out_bias)
         _, dense_weight, dense_bias, out_weight, out_bias = self._stacked_heads
         x = features.transpose(0, 1).to(dense_weight.dtype)  # (N, B, D)
-        x = F.gelu(torch.baddbmm(dense_bias[:, None], x, dense_weight.transpose(1, 2)))  # W_i a_i + b: (N, B, D)
+        x = F.gelu(torch.baddbmm(dense_bias[:, None], x, dense_weight.transpose(1,
+                                                                                2)))  # W_i a_i + b: (N, B, D)
         logits = torch.baddbmm(out_bias[:, None], x, out_weight.transpose(1, 2))  # (N, B, C_max)
         return {name: logits[i, :, :n] for i, (name, n) in enumerate(self.tasks)}
 
-    def loss(self, logits: dict[str, torch.Tensor] | torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    def loss(self, logits: dict[str, torch.Tensor] | torch.Tensor, labels: torch.Tensor,
+             task: str) -> torch.Tensor:
         """Cross-entropy (labels: class ids) or, for num_labels = 1, mean squared error (labels: floats).
 
         logits: forward's dict (its entry for `task` is used) or that task's (B, C) tensor.
@@ -346,8 +347,9 @@ class MTOP(nn.Module):
         self._check_task(task)
         if isinstance(logits, dict):
             if task not in logits:
-                raise ValueError(f"the logits hold no entry for task {task!r} (they have: {', '.join(logits)}); "
-                                 f"in mode 'separate' call forward with active_task={task!r}")
+                raise ValueError(f"the logits hold no entry for task {task!r} (they have: "
+                                 f"{', '.join(logits)}); in mode 'separate' call forward with "
+                                 f"active_task={task!r}")
             logits = logits[task]
         if self.num_labels[task] == 1:
             prediction = logits.squeeze(-1)  # (B, 1) -> (B,)
@@ -373,13 +375,15 @@ class MTOP(nn.Module):
         atomic_write(folder / SETTINGS_FILE, lambda p: p.write_text(text, encoding="utf-8"))
 
     @classmethod
-    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> tuple["MTOP", dict]:
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[MTOP, dict]:
         """Read a folder written by `save`: (model in eval mode, the metadata given to save)."""
         folder = Path(folder)
         settings_path = folder / SETTINGS_FILE
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such folder (MTOP.save writes {SETTINGS_FILE} and {WEIGHTS_FILE})")
-        settings = read_json(settings_path, "this is not a folder written by MTOP.save (a bare encoder folder "
+            raise FileNotFoundError(f"{folder}: no such folder (MTOP.save writes {SETTINGS_FILE} and "
+                                    f"{WEIGHTS_FILE})")
+        settings = read_json(settings_path,
+                             "this is not a folder written by MTOP.save (a bare encoder folder "
                                             "loads with electra.Electra.from_pretrained)")
         if settings.get("format") != "mtop" or settings.get("version") != 1:
             raise ValueError(f"{settings_path}: not a version 1 MTOP settings file (written by MTOP.save)")
@@ -406,6 +410,8 @@ def read_weights(path: Path, expected: dict[str, torch.Tensor],
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no weights file (MTOP.save writes {WEIGHTS_FILE})") from None
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: cannot read safetensors ({err}); the file is truncated or corrupt") from None
-    check_keys(path, SETTINGS_FILE, {k: t.shape for k, t in state.items()}, {k: t.shape for k, t in expected.items()})
+        raise ValueError(f"{path}: cannot read safetensors ({err}); the file is truncated or "
+                         "corrupt") from None
+    check_keys(path, SETTINGS_FILE, {k: t.shape for k, t in state.items()},
+               {k: t.shape for k, t in expected.items()})
     return state

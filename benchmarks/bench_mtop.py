@@ -41,11 +41,14 @@ def timed(fn, device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="1,8,64", help="comma-separated task counts N for table 1")
-    parser.add_argument("--growth", default="1,8,64,256", help="comma-separated task counts N for tables 2 and 3")
+    parser.add_argument("--growth", default="1,8,64,256",
+                        help="comma-separated task counts N for tables 2 and 3")
     parser.add_argument("--task-prompt-len", type=int, default=4, help="prompt tokens per task L (paper: 4)")
-    parser.add_argument("--shared-prompt-len", type=int, default=32, help="shared prompt tokens S (paper: 32)")
+    parser.add_argument("--shared-prompt-len", type=int, default=32,
+                        help="shared prompt tokens S (paper: 32)")
     parser.add_argument("--batch", type=int, default=16, help="documents per batch")
     parser.add_argument("--length", type=int, default=128, help="tokens per document")
     parser.add_argument("--layers", type=int, default=12, help="encoder layers (ELECTRA-small: 12)")
@@ -60,7 +63,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    config = ElectraConfig(vocab_size=30522, embedding_size=128, hidden_size=256, num_hidden_layers=args.layers,
+    config = ElectraConfig(vocab_size=30522, embedding_size=128, hidden_size=256,
+                           num_hidden_layers=args.layers,
                            num_attention_heads=4, intermediate_size=1024)  # ELECTRA-small's shape
     encoder = Electra(config).to(args.device).eval()
     ids = torch.randint(1000, 30000, (args.batch, args.length), device=args.device)
@@ -95,8 +99,10 @@ def main() -> None:
         seconds = median_seconds({"mtop": model_for("mtop", n), "separate": model_for("separate", n)},
                                  {"mtop": args.repeats, "separate": args.separate_repeats})
         positions = n * args.task_prompt_len + args.shared_prompt_len + args.length
-        print(f"| {n} | {positions} | {args.batch / seconds['mtop']:.1f} | {n} x {args.task_prompt_len + args.length} "
-              f"| {args.batch / seconds['separate']:.1f} | {seconds['separate'] / seconds['mtop']:.1f}x |", flush=True)
+        print(f"| {n} | {positions} | {args.batch / seconds['mtop']:.1f} | "
+              f"{n} x {args.task_prompt_len + args.length} | {args.batch / seconds['separate']:.1f} | "
+              f"{seconds['separate'] / seconds['mtop']:.1f}x |",
+              flush=True)
 
     print("\n| N tasks | mtop: positions | mtop ms/batch | none ms/batch | mtop / none |")
     print("|---|---|---|---|---|")
@@ -107,8 +113,8 @@ def main() -> None:
         print(f"| {n} | {positions} | {1000 * seconds['mtop']:.0f} | {1000 * seconds['none']:.0f} "
               f"| {seconds['mtop'] / seconds['none']:.2f} |", flush=True)
 
-    print("\n| N tasks | documents/s (all tasks) | encoder share | heads share | heads, loop ms | heads, batched ms "
-          "| batched = loop |")
+    print("\n| N tasks | documents/s (all tasks) | encoder share | heads share | heads, loop ms "
+          "| heads, batched ms | batched = loop |")
     print("|---|---|---|---|---|---|---|")
     for n in [int(x) for x in args.growth.split(",")]:
         model = model_for("mtop", n)
@@ -130,8 +136,10 @@ def main() -> None:
                 for name, fn in (("encode", encode), ("loop", loop), ("batched", batched), ("whole", whole)):
                     times[name].append(timed(fn, args.device))
         t = {name: statistics.median(v) for name, v in times.items()}
-        print(f"| {n} | {args.batch / t['whole']:.1f} | {t['encode'] / t['whole']:.0%} | {t['batched'] / t['whole']:.1%} "
-              f"| {1000 * t['loop']:.1f} | {1000 * t['batched']:.1f} | {'yes' if same else 'NO'} |", flush=True)
+        print(f"| {n} | {args.batch / t['whole']:.1f} | {t['encode'] / t['whole']:.0%} | "
+              f"{t['batched'] / t['whole']:.1%} | {1000 * t['loop']:.1f} | {1000 * t['batched']:.1f} | "
+              f"{'yes' if same else 'NO'} |",
+              flush=True)
 
 
 if __name__ == "__main__":

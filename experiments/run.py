@@ -21,6 +21,8 @@ be stopped at any moment and started again: an unfinished run continues from its
 share of --max-steps that proportional sampling would give it (its training rows over all rows), with
 one evaluation at its end; the JSON holds every task's score from its own model.
 
+"seeds" in a run: the plan's seeds this run is trained with (default: all of them).
+
 "same_as": "<plan>/<run>": this configuration is already run by another plan; nothing is trained and
 aggregate.py takes that run's results, after checking that its flags are this run's flags.
 
@@ -55,7 +57,8 @@ def machine(gpu: bool = True) -> str:
         pass
     name = ""
     try:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True,
                                text=True, timeout=30) if gpu else None
         if query and query.returncode == 0:
             name = query.stdout.strip().splitlines()[0]
@@ -72,7 +75,8 @@ def commit() -> str:
     if os.environ.get("MTOP_COMMIT"):
         return os.environ["MTOP_COMMIT"]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "*.py"], cwd=ROOT, capture_output=True,
                                text=True).stdout.strip()
@@ -110,14 +114,16 @@ class Unit:
     def command(self) -> list[str]:
         resume = ["--resume"] if (self.folder / "checkpoint.safetensors").exists() else []
         self.resumed |= bool(resume)
-        return [sys.executable, str(ROOT / "train.py"), *self.flags, "--output-dir", str(self.folder), *resume]
+        return [sys.executable, str(ROOT / "train.py"), *self.flags, "--output-dir", str(self.folder),
+                *resume]
 
     def done(self) -> bool:
         return (self.folder / "done.json").exists()
 
 
 def units_of(plan: dict, run: dict, seed: int, work: Path, fill: dict) -> list[Unit]:
-    flags = [f.format(**fill) for f in plan["common"] + run.get("flags", [])] + ["--seed", str(seed), "--no-test"]
+    flags = [f.format(**fill) for f in plan["common"] + run.get("flags", [])] + ["--seed", str(seed),
+                                                                                 "--no-test"]
     folder = work / plan["name"] / f"{run['name']}-seed{seed}"
     if not run.get("single_task"):
         return [Unit(flags, folder)]
@@ -159,7 +165,8 @@ def result_of(plan: dict, run: dict, seed: int, units: list[Unit], seconds: floa
         evals = [final]
     else:
         evals, steps = read_log(units[0].folder)
-    return {"plan": plan["name"], "run": run["name"], "seed": seed, "single_task": bool(run.get("single_task")),
+    return {"plan": plan["name"], "run": run["name"], "seed": seed,
+            "single_task": bool(run.get("single_task")),
             "flags": units[0].flags if len(units) == 1 else [u.flags for u in units],
             "mode": flag_value(units[0].flags, "--mode", "mtop"), "evals": evals, "final": evals[-1],
             "best": max(evals, key=lambda e: e["average"]), "task_steps": steps,
@@ -176,14 +183,17 @@ def write_json(path: Path, obj) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", help="the plan's JSON file")
     parser.add_argument("--glue", required=True, help="GLUE folder, fills {glue}")
     parser.add_argument("--model", required=True, help="model folder, fills {model}")
-    parser.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="JSON results go here")
+    parser.add_argument("--results", default=str(ROOT / "experiments" / "results"),
+                        help="JSON results go here")
     parser.add_argument("--work", default=str(ROOT / "runs" / "experiments"), help="train.py output folders")
     parser.add_argument("--jobs", type=int, default=1, help="trainings side by side")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per training (0: CPU cores / jobs)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per training (0: CPU cores / jobs)")
     parser.add_argument("--runs", default="", help="only these runs of the plan (comma-separated names)")
     parser.add_argument("--seeds", default="", help="only these seeds (comma-separated)")
     parser.add_argument("--keep-models", action="store_true", help="keep checkpoints and best models")
@@ -203,6 +213,8 @@ def main() -> None:
             if options.runs and run["name"] not in options.runs.split(","):
                 continue
             if options.seeds and str(seed) not in options.seeds.split(","):
+                continue
+            if seed not in run.get("seeds", plan["seeds"]):  # a run may name fewer seeds than its plan
                 continue
             if "same_as" in run:
                 if seed == plan["seeds"][0]:
@@ -227,7 +239,8 @@ def main() -> None:
             item, unit = pending.pop(0)
             unit.folder.mkdir(parents=True, exist_ok=True)
             unit.log = open(unit.folder / "stdout.txt", "a", encoding="utf-8")
-            unit.process = subprocess.Popen(unit.command(), stdout=unit.log, stderr=subprocess.STDOUT, env=env,
+            unit.process = subprocess.Popen(unit.command(), stdout=unit.log, stderr=subprocess.STDOUT,
+                                            env=env,
                                             cwd=ROOT)
             unit.started = time.perf_counter()
             started.setdefault(id(item), unit.started)
@@ -243,7 +256,8 @@ def main() -> None:
             if unit.process.returncode != 0:
                 failed.append(unit.folder)
                 tail = (unit.folder / "stdout.txt").read_text(encoding="utf-8", errors="replace")[-1500:]
-                print(f"FAILED {unit.folder.relative_to(work)} (exit {unit.process.returncode}):\n{tail}", flush=True)
+                print(f"FAILED {unit.folder.relative_to(work)} (exit {unit.process.returncode}):\n{tail}",
+                      flush=True)
                 continue
             write_json(unit.folder / "done.json", {"seconds": seconds})
             if not options.keep_models:
@@ -255,8 +269,10 @@ def main() -> None:
                 result = result_of(plan, run, seed, units, total, threads)
                 write_json(path, result)
                 left = len(pending) + len(running)
-                print(f"done {path.name}: average {100 * result['final']['average']:.2f} in {total / 60:.1f} min; "
-                      f"{left} trainings left, {(time.perf_counter() - clock) / 60:.0f} min so far", flush=True)
+                print(f"done {path.name}: average {100 * result['final']['average']:.2f} in "
+                      f"{total / 60:.1f} min; "
+                      f"{left} trainings left, {(time.perf_counter() - clock) / 60:.0f} min so far",
+                      flush=True)
     if failed:
         raise SystemExit(f"{len(failed)} runs failed: " + ", ".join(map(str, failed)))
 

@@ -82,8 +82,9 @@ def atomic_write(path: Path, write) -> None:
         tmp.replace(path)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(err):
-            raise OSError(f"no space left on the device while writing {path}; the previous {path.name}, if any, "
-                          "is untouched. Free some space and run again (--resume continues a run)") from None
+            raise OSError(f"no space left on the device while writing {path}; the previous {path.name}, "
+                          "if any, is untouched. Free some space and run again (--resume continues a "
+                          "run)") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)

@@ -34,8 +34,10 @@ GLUE_SHA256 = {
     "glue/data/RTE.zip": "6bf86de103ecd335f3441bd43574d23fef87ecc695977a63b82d5efb206556ee",
     "glue/data/WNLI.zip": "ae0e8e4d16f4d46d4a0a566ec7ecceccfd3fbfaa4a7a4b4e02848c0f2561ac46",
     "glue/data/AX.tsv": "0e13510b1bb14436ff7e2ee82338f0efb0133ecf2e73507a697dc210db3f05fd",
-    "senteval/senteval_data/msr_paraphrase_train.txt": "60a9b09084528f0673eedee2b69cb941920f0b8cd0eeccefc464a98768457f89",
-    "senteval/senteval_data/msr_paraphrase_test.txt": "a04e271090879aaba6423d65b94950c089298587d9c084bf9cd7439bd785f784",
+    "senteval/senteval_data/msr_paraphrase_train.txt":
+        "60a9b09084528f0673eedee2b69cb941920f0b8cd0eeccefc464a98768457f89",
+    "senteval/senteval_data/msr_paraphrase_test.txt":
+        "a04e271090879aaba6423d65b94950c089298587d9c084bf9cd7439bd785f784",
     "glue/data/mrpc_dev_ids.tsv": "971d7767d81b997fd9060ade0ec23c4fc31cbb226a55d1bd4a1bac474eb81dc7",
 }
 
@@ -102,7 +104,8 @@ def _build_mrpc(staging: Path, base_url: str, checksums: dict[str, str]) -> None
     """Build MRPC/{train,dev,test}.tsv from the SentEval copies of the MSR Paraphrase corpus, as GLUE did:
     train rows whose (#1 ID, #2 ID) is in mrpc_dev_ids.tsv form dev; the test label becomes an index."""
     sources = {"train": "senteval/senteval_data/msr_paraphrase_train.txt",
-               "test": "senteval/senteval_data/msr_paraphrase_test.txt", "dev_ids": "glue/data/mrpc_dev_ids.tsv"}
+               "test": "senteval/senteval_data/msr_paraphrase_test.txt",
+               "dev_ids": "glue/data/mrpc_dev_ids.tsv"}
     lines = {}
     for key, url_path in sources.items():
         _fetch(base_url, url_path, staging / Path(url_path).name, checksums)

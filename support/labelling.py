@@ -91,7 +91,8 @@ def _read_corpus(path: Path, columns: list[str]):
                     keys = columns or ["text"]
                     missing = [k for k in keys if not isinstance(row, dict) or k not in row]
                     if missing:
-                        raise SystemExit(f"error: {path}:{number}: no key {missing[0]!r} (use --text-columns)")
+                        raise SystemExit(f"error: {path}:{number}: no key {missing[0]!r} (use "
+                                         "--text-columns)")
                     texts = [row[k] for k in keys]
                     if not all(isinstance(t, str) for t in texts):
                         raise SystemExit(f"error: {path}:{number}: the value of {keys} must be a string")
@@ -104,7 +105,8 @@ def _read_corpus(path: Path, columns: list[str]):
         keys = columns or [header[0]]
         missing = [k for k in keys if k not in header]
         if missing:
-            raise SystemExit(f"error: {path}:1: no column {missing[0]!r} in header {header} (use --text-columns)")
+            raise SystemExit(f"error: {path}:1: no column {missing[0]!r} in header {header} (use "
+                             "--text-columns)")
         where = [header.index(k) for k in keys]
         for number, row in enumerate(reader, 2):
             if len(row) != len(header):
@@ -127,7 +129,8 @@ class Labeller:
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         tasks = self.metadata.get("tasks")
         if not isinstance(tasks, list) or any(not isinstance(t, dict) or "name" not in t for t in tasks):
-            raise ValueError(f"{Path(folder) / 'mtop.json'}: its metadata has no task list (written by train.py)")
+            raise ValueError(f"{Path(folder) / 'mtop.json'}: its metadata has no task list (written by "
+                             "train.py)")
         self.labels = {t["name"]: t.get("labels") for t in tasks}
         self.scales = {t["name"]: t.get("scale", (0.0, 1.0)) for t in tasks}
         self.pair_tasks = [t["name"] for t in tasks if t.get("pair")]
@@ -137,7 +140,8 @@ class Labeller:
         encoded = glue_data.encode(self.tokenizer, texts, pairs, self.metadata.get("max_length", 128))
         results: list[dict] = [{} for _ in texts]
         rows = np.arange(len(encoded))
-        for positions, logits in forward_batches(self.model, encoded, rows, self.device, self.dtype, self.batch_size):
+        for positions, logits in forward_batches(self.model, encoded, rows, self.device, self.dtype,
+                                                 self.batch_size):
             for name, values in logits.items():  # one encoder pass gave every task's logits
                 predicted = to_predictions(values, self.scales[name])
                 if self.model.num_labels[name] == 1:
@@ -162,9 +166,11 @@ def predict_corpus(args) -> Path | None:
     if not source.is_file():
         raise SystemExit(f"error: --predict: no such file {source}")
     if target.resolve() == source.resolve():
-        raise SystemExit(f"error: --predict-output {target} is the input file; give another path (nothing was written)")
+        raise SystemExit(f"error: --predict-output {target} is the input file; give another path (nothing "
+                         "was written)")
     if not target.parent.is_dir():
-        raise SystemExit(f"error: --predict-output: the folder {target.parent} does not exist; create it first")
+        raise SystemExit(f"error: --predict-output: the folder {target.parent} does not exist; create it "
+                         "first")
     with user_errors():
         labeller = Labeller(folder, device, args.dtype)
     if len(columns) < 2 and labeller.pair_tasks:

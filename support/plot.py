@@ -20,7 +20,8 @@ def plot(out: Path) -> None:
     steps = [r for r in records if r["event"] == "step"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     for name in evals[0]["scores"] if evals else []:
-        left.plot([r["step"] for r in evals], [100 * r["scores"][name] for r in evals], label=name, marker="o")
+        left.plot([r["step"] for r in evals], [100 * r["scores"][name] for r in evals], label=name,
+                  marker="o")
     left.set(title="dev score", xlabel="step")
     left.legend()
     counts: dict[str, int] = {}

@@ -135,15 +135,18 @@ class JsonlLog:
         if not self.path.exists():
             return
         records = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(),
+                                      1):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
-                print(f"{self.path}:{number}: an unreadable record (cut off by a crash?) is dropped", flush=True)
+                print(f"{self.path}:{number}: an unreadable record (cut off by a crash?) is dropped",
+                      flush=True)
                 continue
             if r["step"] < step or r["step"] == step and r["event"] != "probe":
                 records.append(line)
-        atomic_write(self.path, lambda p: p.write_text("".join(line + "\n" for line in records), encoding="utf-8"))
+        atomic_write(self.path, lambda p: p.write_text("".join(line + "\n" for line in records),
+                                                       encoding="utf-8"))
 
     def write(self, **record) -> None:
         if self.enabled:
@@ -203,9 +206,9 @@ class Run:
 
     def _open(self) -> None:
         if (self.out / LEGACY_CHECKPOINT).exists():
-            raise SystemExit(f"error: {self.out / LEGACY_CHECKPOINT} is a checkpoint of an earlier train.py, a "
-                             "pickle file. It is not loaded: unpickling a file can run any code in it. Start a new "
-                             "run in another --output-dir.")
+            raise SystemExit(f"error: {self.out / LEGACY_CHECKPOINT} is a checkpoint of an earlier "
+                             "train.py, a pickle file. It is not loaded: unpickling a file can run any code "
+                             "in it. Start a new run in another --output-dir.")
         if self.args.resume:
             if not self.path.exists():
                 raise SystemExit(f"error: --resume: no checkpoint at {self.path} (start without --resume)")
@@ -220,7 +223,8 @@ class Run:
             (self.out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out / "args.json", lambda p: p.write_text(json.dumps(vars(self.args), indent=2)))
+            atomic_write(self.out / "args.json", lambda p: p.write_text(json.dumps(vars(self.args),
+                                                                                   indent=2)))
 
     def _restore(self) -> None:
         """Load the checkpoint into the parts; refuse one written with other settings or other data."""
@@ -228,19 +232,22 @@ class Run:
             state = load_checkpoint(self.path)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
-        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {v!r}" for k, v in vars(self.args).items()
+        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {v!r}"
+                   for k, v in vars(self.args).items()
                    if k not in RUN_ONLY and state["args"].get(k) != v]
         if state["world"] != self.world:  # the batch per step, the schedule and the data order depend on it
             changed.append(f"{state['world']} -> {self.world} processes")
         changed += [f"the training data of {name} changed" for name, digest in self.fingerprint.items()
                     if state.get("data", {}).get(name) != digest]
         if changed:
-            raise SystemExit(f"error: --resume: {self.path} was written with other settings: {'; '.join(changed)}. "
-                             "Resume with the same ones, or start a new run in another --output-dir.")
+            raise SystemExit(f"error: --resume: {self.path} was written with other settings: "
+                             f"{'; '.join(changed)}. Resume with the same ones, or start a new run in "
+                             "another --output-dir.")
         parts = self.parts
         parts["model"].load_state_dict(state["model"])
         optimizer_state = state["optimizer"]
-        optimizer_state["state"] = {int(k): v for k, v in optimizer_state["state"].items()}  # JSON keys: strings
+        # JSON keys: strings
+        optimizer_state["state"] = {int(k): v for k, v in optimizer_state["state"].items()}
         parts["optimizer"].load_state_dict(optimizer_state)
         parts["lr_schedule"].load_state_dict(state["lr_schedule"])
         parts["sampler"].load_state_dict(state["sampler"])
@@ -255,9 +262,9 @@ class Run:
         try:
             yield
         except NonFiniteError as err:
-            raise SystemExit(f"error: training diverged at step {self.step + 1} ({err}). Nothing of this step "
-                             f"was kept: {self.path} and {self.out / 'best'} hold the last good state, if any. "
-                             "Lower --lr, or check the data of this task.") from None
+            raise SystemExit(f"error: training diverged at step {self.step + 1} ({err}). Nothing of this "
+                             f"step was kept: {self.path} and {self.out / 'best'} hold the last good state, "
+                             "if any. Lower --lr, or check the data of this task.") from None
 
     @contextlib.contextmanager
     def _writing(self):
@@ -291,8 +298,8 @@ class Run:
         self.last_line = now
         eta = (now - self.started) / self.invocation_steps * (total_steps - self.step)
         log(f"step {self.step}/{total_steps} | epoch {epoch}/{epochs} | {self.history[-1]} | loss "
-            f"{np.mean(self.losses[-self.args.log_every:]):.4f} | {self.seen / self.train_seconds:.1f} train ex/s | "
-            f"ETA {eta / 60:.1f} min", self.rank)
+            f"{np.mean(self.losses[-self.args.log_every:]):.4f} | "
+            f"{self.seen / self.train_seconds:.1f} train ex/s | ETA {eta / 60:.1f} min", self.rank)
 
     def keep_if_best(self, result: dict, metadata: dict, model_folder: Path) -> None:
         """Rank 0, after a dev evaluation: write best/ if its GLUE average beats every earlier one."""
@@ -317,7 +324,8 @@ class Run:
             save_checkpoint(self.path, {
                 "model": p["model"].state_dict(), "optimizer": p["optimizer"].state_dict(),
                 "lr_schedule": p["lr_schedule"].state_dict(), "sampler": p["sampler"].state_dict(),
-                "streams": {n: s.state_dict() for n, s in p["streams"].items()}, "rng": rngs, "step": self.step,
+                "streams": {n: s.state_dict() for n, s in p["streams"].items()}, "rng": rngs,
+                "step": self.step,
                 "best": self.best, "history": self.history, "args": vars(self.args), "world": self.world,
                 "data": self.fingerprint})
 

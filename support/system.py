@@ -29,7 +29,8 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     if "RANK" not in os.environ:
         return 0, 1, device
     # Rank 0 evaluates and writes alone while the others wait in the next collective: allow it an hour.
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(hours=1))
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # the GPU of this process on its own node
         torch.cuda.set_device(device)
