@@ -4,7 +4,8 @@
 
 RESULTS.md is experiments/RESULTS.template.md with every {{name}} filled in: {{table:<plan>}} is the
 results table of a plan (mean and standard deviation over seeds of each task's dev score), {{diag:...}} the
-diagnosis tables, and every other {{key}} one number computed here (the list: --keys). The numbers come
+diagnosis tables, {{steptime:<folder>}} the step times at ELECTRA-base's shape (base_step_time.py), and every
+other {{key}} one number computed here (the list: --keys). The numbers come
 from the JSON files; only the majority-class row and the steps of one pass are read from the GLUE files
 (--glue). A key the template names but the files do not give stops the script: no number in
 RESULTS.md is typed by hand.
@@ -27,6 +28,7 @@ RESULTS, FIGURES = ROOT / "experiments" / "results", ROOT / "experiments" / "fig
 TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "RTE"]
 LABELS = {  # how the runs are named in the tables
     "single": "single-task (one model per task)", "mtdnn": "MT-DNN (`--mode none`)",
+    "mtop-plr1e-3": "MTOP, `--prompt-lr 1e-3`", "mtop-plr1e-2": "MTOP, `--prompt-lr 1e-2`",
     "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)",
     "stopgrad": "stopgrad (Fig. 1c)",
     "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
@@ -350,6 +352,23 @@ def inference(folder: str, values: dict) -> str:
     return "\n".join(lines)
 
 
+def step_time(folder: str, values: dict) -> str:
+    """{{steptime:<folder>}}: experiments/base_step_time.py's table; keys <folder>.<dtype>-<batches>.ms and
+    .hours, <folder>.steps and .device."""
+    path = RESULTS / folder / "base_step_time.json"
+    if not path.exists():
+        raise SystemExit(f"{path}: no such result (experiments/base_step_time.py writes it)")
+    result = json.loads(path.read_text())
+    lines = ["| dtype, batches | median step, ms | the paper's run (steps only), hours |", "|---|---|---|"]
+    for name, v in result["variants"].items():
+        key = f"{folder}.{name.replace(', ', '-').replace(' ', '-')}"
+        values[f"{key}.ms"] = f"{1000 * v['median_step_s']:.1f}"
+        values[f"{key}.hours"] = f"{v['paper_run_hours']:.1f}"
+        lines.append(f"| {name} | {values[key + '.ms']} | {values[key + '.hours']} |")
+    values[f"{folder}.steps"], values[f"{folder}.device"] = f"{result['paper_run_steps']:,}", result["device"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,6 +396,8 @@ def main() -> None:
                 tables |= diagnosis(arg, values)
             elif kind == "inference":
                 tables[f"inference:{arg}"] = inference(arg, values)
+            elif kind == "steptime":
+                tables[f"steptime:{arg}"] = step_time(arg, values)
         except SystemExit as missing:
             if not options.keys:
                 raise

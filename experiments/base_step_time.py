@@ -33,8 +33,8 @@ from support.system import pad_multiple  # noqa: E402
 # Official training rows of the paper's eight GLUE tasks (GLUE; REFERENCE.md).
 GLUE_TRAIN_ROWS = {"CoLA": 8551, "SST-2": 67349, "MRPC": 3668, "STS-B": 5749, "QQP": 363846, "MNLI": 392702,
                    "QNLI": 104743, "RTE": 2490}
-BASE = dict(vocab_size=30522, embedding_size=768, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-            intermediate_size=3072)
+BASE = dict(vocab_size=30522, embedding_size=768, hidden_size=768, num_hidden_layers=12,
+            num_attention_heads=12, intermediate_size=3072)
 TINY = dict(vocab_size=30522, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64)  # --shape tiny: a check of the script on a CPU
 
@@ -53,12 +53,13 @@ def timed_steps(model, optimizer, batches, device, dtype, pad128: bool) -> list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--glue", required=True)
     parser.add_argument("--model", required=True, help="a model folder whose vocab.txt tokenizes (MiniLM's)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (after 10 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (after 10 warm-up)")
     parser.add_argument("--shape", choices=("base", "tiny"), default="base")
     parser.add_argument("--out", required=True)
     options = parser.parse_args()
