@@ -40,6 +40,7 @@ Natural Language Understanding" (MT-DNN), ACL 2019; Clark et al., "ELECTRA", ICL
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,8 +94,10 @@ class PromptConfig:
         if self.prompt_init == "vocab-pos0" and self.prompt_entry != "after-norm":
             raise ValueError("prompt init 'vocab-pos0' is defined for prompt entry 'after-norm' only")
         for name in ("task_prompt_len", "shared_prompt_len"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.mode != "none" and self.task_prompt_len < 1:
             raise ValueError(f"mode {self.mode!r} needs task_prompt_len >= 1, got {self.task_prompt_len}")
         if self.mode == "mtop" and self.shared_prompt_len < 0:

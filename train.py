@@ -35,7 +35,8 @@ import scheduler
 from electra import DEFAULT_CACHE, Electra
 from mtop import MODES, MTOP, PROMPT_ENTRIES, PROMPT_INITS, PromptConfig
 from support.checks import check_device, prepare_inputs, user_errors
-from support.labelling import Labeller, predict_corpus, predict_encoded  # noqa: F401 (Labeller: README)
+# Labeller is re-exported: README's `from train import Labeller`
+from support.labelling import Labeller, predict_corpus, predict_encoded  # noqa: F401
 from support.plot import plot
 from support.run_state import NonFiniteError, Run, data_fingerprint
 from support.system import (autocast, broadcast, limit_heap_growth, log, pad_multiple, release_memory,
@@ -354,7 +355,9 @@ def train_step(model: MTOP, ddp, optimizer, batch: dict[str, torch.Tensor], task
                scale: tuple[float, float], device: str, dtype: str, max_grad_norm: float) -> float:
     """Algorithm 1, line 14: one step on one task. Forward with only `task`'s prompts in the graph
     (the stop-gradient of mtop.py), loss, backward, clipping, AdamW. Returns the loss; raises
-    NonFiniteError, before the weights change, if the loss or the gradient is not finite."""
+    NonFiniteError, before the weights change, if the loss or the gradient is not finite. `ddp` runs the
+    forward pass (under torchrun it averages the gradients across processes); `model` gives the loss and
+    the parameters. With one process they are the same object."""
     batch = {k: v.to(device) for k, v in batch.items()}
     with autocast(device, dtype):
         logits = ddp(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], active_task=task)
@@ -416,7 +419,7 @@ def train(args: argparse.Namespace) -> dict:
         run.progress(total_steps, epoch, epochs)
         if rank == 0 and (run.step % eval_every == 0 or run.step == total_steps):
             run.keep_if_best(dev_evaluation(model, tasks, data, args, run), metadata, model_folder)
-        stop = args.stop_after and run.invocation_steps >= args.stop_after and run.step < total_steps
+        stop = bool(args.stop_after) and run.invocation_steps >= args.stop_after and run.step < total_steps
         if run.step % eval_every == 0 or run.step % args.save_every == 0 or run.step == total_steps or stop:
             run.save()
         if stop:

@@ -1,5 +1,5 @@
 """Peak memory and step time of train.py's CPU training step under glibc's default malloc settings and
-with the fixed mmap threshold train.py sets on CPU (`train.limit_heap_growth`).
+with the fixed mmap threshold train.py sets on CPU (`support.system.limit_heap_growth`).
 
     python benchmarks/bench_allocator.py --data-dir GLUE_DIR             # MiniLM, the README's five tasks
     python benchmarks/bench_allocator.py --data-dir GLUE_DIR --steps 100 --rounds 3 --threads 2

@@ -47,12 +47,13 @@ def forward_batches(model: MTOP, encoded: glue_data.Encoded, indices: np.ndarray
         yield batch, logits
 
 
-def to_predictions(logits: torch.Tensor, scale) -> np.ndarray:
+def to_predictions(logits: torch.Tensor, scale, dtype: torch.dtype = torch.float32) -> np.ndarray:
     """A head's logits (B, C) -> class ids (B,), or for C = 1 the regression value mapped back from the
-    standardised target the head was trained on: value * train std + train mean, scale = (mean, std)."""
+    standardised target the head was trained on: value * train std + train mean, scale = (mean, std),
+    computed in `dtype` (evaluation: float32; Labeller: float64, then rounded to 4 places)."""
     logits = logits.float()
     if logits.shape[-1] == 1:
-        return (logits.squeeze(-1) * scale[1] + scale[0]).cpu().numpy()
+        return (logits.squeeze(-1).to(dtype) * scale[1] + scale[0]).cpu().numpy()
     return logits.argmax(-1).cpu().numpy()
 
 
@@ -143,7 +144,7 @@ class Labeller:
         for positions, logits in forward_batches(self.model, encoded, rows, self.device, self.dtype,
                                                  self.batch_size):
             for name, values in logits.items():  # one encoder pass gave every task's logits
-                predicted = to_predictions(values, self.scales[name])
+                predicted = to_predictions(values, self.scales[name], torch.float64)
                 if self.model.num_labels[name] == 1:
                     found = [round(float(v), 4) for v in predicted]
                 else:
