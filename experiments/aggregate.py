@@ -29,6 +29,7 @@ TASK_ORDER = ["CoLA", "SST-2", "MRPC", "STS-B", "RTE"]
 LABELS = {  # how the runs are named in the tables
     "single": "single-task (one model per task)", "mtdnn": "MT-DNN (`--mode none`)",
     "mtop-plr1e-3": "MTOP, `--prompt-lr 1e-3`", "mtop-plr1e-2": "MTOP, `--prompt-lr 1e-2`",
+    "mtop-plr1e-1": "MTOP, `--prompt-lr 1e-1`", "cls": "[CLS] head (`--mode none`)",
     "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)",
     "stopgrad": "stopgrad (Fig. 1c)",
     "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
