@@ -75,9 +75,13 @@ class ElectraConfig:
             raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{source}: only absolute position embeddings are supported")
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f.type for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
         values.setdefault("embedding_size", raw.get("hidden_size", cls.hidden_size))  # BERT: E = D
+        for key, value in values.items():  # a number written as a string, a negative size, NaN ...
+            wanted = _wanted(key, known[key] in (int, "int"), value)
+            if wanted:
+                raise ValueError(f"{source}: {key} must be {wanted}, got {value!r}")
         config = cls(**values)
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"{source}: hidden_size {config.hidden_size} is not divisible by "
@@ -91,6 +95,25 @@ class ElectraConfig:
 
     def to_dict(self) -> dict:
         return {"model_type": "electra", "hidden_act": "gelu", **asdict(self)}
+
+
+# The largest sizes a config may give: far above any released ELECTRA or BERT (24 layers, hidden 1024),
+# low enough that an absurd file is refused before anything is built.
+LIMITS = {"num_hidden_layers": 256, "num_attention_heads": 1024, "hidden_size": 65536,
+          "embedding_size": 65536, "intermediate_size": 262144, "vocab_size": 10_000_000,
+          "max_position_embeddings": 1_000_000, "type_vocab_size": 1024}
+
+
+def _wanted(key: str, whole: bool, value) -> str:
+    """What a config field must be, or "" when `value` is that: whole numbers 1..2^31 (pad_token_id from
+    0), probabilities in [0, 1), layer_norm_eps in (0, 1)."""
+    lowest, highest = 0 if key == "pad_token_id" else 1, LIMITS.get(key, 2**31)
+    if whole:
+        ok = isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= highest
+        return "" if ok else f"a whole number from {lowest} to {highest}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1 and \
+        (value > 0 or key != "layer_norm_eps")
+    return "" if ok else "a number from 0 to 1 (not 1)"
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -369,15 +392,18 @@ def read_checkpoint(path: Path, config: ElectraConfig,
 
 def check_keys(path: Path, against: str, found: dict[str, torch.Size], expected: dict[str, torch.Size],
                unexpected: list[str] = ()) -> None:
-    """One error that names every missing, unexpected and mis-shaped key of a weights file, or nothing."""
+    """One error that names the missing, unexpected and mis-shaped keys of a weights file (the first 20 of
+    each, and how many), or nothing."""
     missing = [k for k in expected if k not in found]
     unexpected = list(unexpected) + [k for k in found if k not in expected]
     bad_shape = [f"{k} {tuple(found[k])} != {tuple(shape)}" for k, shape in expected.items()
                  if k in found and found[k] != shape]
+    def listed(items: list[str], sep: str = ", ") -> str:  # at most 20 named: a message stays readable
+        return sep.join(items[:20]) + (f"{sep}... ({len(items)} in all)" if len(items) > 20 else "")
     if missing or unexpected or bad_shape:
-        problems = [f"missing keys: {', '.join(missing)}" if missing else "",
-                    f"unexpected keys: {', '.join(unexpected)}" if unexpected else "",
-                    f"wrong shapes: {'; '.join(bad_shape)}" if bad_shape else ""]
+        problems = [f"missing keys: {listed(missing)}" if missing else "",
+                    f"unexpected keys: {listed(unexpected)}" if unexpected else "",
+                    f"wrong shapes: {listed(bad_shape, '; ')}" if bad_shape else ""]
         raise ValueError(f"{path} does not match {against}:\n  " + "\n  ".join(p for p in problems if p))
 
 
@@ -420,7 +446,12 @@ def download_model(name: str, folder: Path, hub_url: str = HUB_URL) -> None:
         if not fetch(f"{base}/model.safetensors", tmp / "model.safetensors", optional=True):
             # Older hub repos only have a pickled state dict: read it safely, store it as safetensors.
             fetch(f"{base}/pytorch_model.bin", tmp / "pytorch_model.bin")
-            state = torch.load(tmp / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(tmp / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            except Exception as err:  # torch raises UnpicklingError or RuntimeError for what it refuses
+                raise ValueError(f"{base}/pytorch_model.bin was refused: its pickle holds more than tensors "
+                                 f"({type(err).__name__}), and loading it could run code. Nothing was "
+                                 "installed; use a model that ships model.safetensors") from None
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
             (tmp / "pytorch_model.bin").unlink()
         if folder.exists():  # another process finished first

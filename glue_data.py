@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import itertools
 import json
 import zipfile
@@ -50,7 +49,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from support.files import atomic_write
+from support.files import atomic_write, read_json
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,7 @@ class Task:
     missing: tuple[str, ...] = ()        # label values meaning "no label": the row is skipped and counted
     short_rows_ok: bool = False          # QQP: rows with too few columns are a known defect: skip and count
     no_header: tuple[str, ...] = ()      # column names of train/dev files that have no header row (CoLA)
+    labels_from: str = "GLUE's fixed list"  # where `labels` came from, for the run's first lines
 
     @property
     def num_labels(self) -> int:
@@ -229,11 +229,41 @@ def _task_from_json(entry: object, number: int, path: Path) -> Task:
     if kind == "regression":
         return task
     # Without "labels": the sorted set of the train labels, an order that does not depend on row order.
-    labels = strings("labels", None, 2, 10_000) if "labels" in entry else \
+    given = "labels" in entry
+    labels = strings("labels", None, 2, 10_000) if given else \
         tuple(sorted(set(_train_labels(task)) - set(task.missing)))
     if len(set(labels)) != len(labels) or len(labels) < 2:
         raise ValueError(f"{where}: needs at least two different labels, got {list(labels)}")
-    return replace(task, labels=labels)
+    if "f1" in metrics and len(labels) != 2:
+        raise ValueError(f"{where}: metric 'f1' is binary F1 (of the second label), but the task has "
+                         f"{len(labels)} labels {list(labels)}; use 'accuracy' or 'mcc' (multi-class)")
+    source = "the task set's 'labels'" if given else f"the sorted labels of {task.path('train', '')}"
+    return replace(task, labels=labels, labels_from=source)
+
+
+def describe_labels(task: Task) -> list[str]:
+    """Lines for the start of a run: the task's labels and where they came from, which label binary F1
+    scores, and a warning for labels that differ only in number format, case or surrounding space."""
+    if task.kind == "regression":
+        return [f"{task.name}: regression on column {task.label!r}"]
+    lines = [f"{task.name}: {len(task.labels)} labels {list(task.labels)} (from {task.labels_from})"
+             + (f"; F1 scores {task.labels[1]!r}" if "f1" in task.metrics else "")]
+    groups: dict[str, list[str]] = {}
+    for label in task.labels:
+        groups.setdefault(_label_key(label), []).append(label)
+    for same in (g for g in groups.values() if len(g) > 1):
+        lines.append(f"warning: {task.name}: the labels {same} differ only in number format, case or space, "
+                     "and are trained as different classes; give the task's \"labels\" or clean the column")
+    return lines
+
+
+def _label_key(label: str) -> str:
+    """What two spellings of one label share: '1', '1.0' and ' 1' -> '1.0'; 'Yes' and 'yes' -> 'yes'."""
+    text = label.strip().lower()
+    try:
+        return repr(float(text))
+    except ValueError:
+        return text
 
 
 def _train_labels(task: Task) -> list[str]:
@@ -241,7 +271,7 @@ def _train_labels(task: Task) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(_missing_message(task, "train", path))
     header, rows = _read_table(path, None)
-    column = _column_indices(header, (task.label,), path)[0]
+    column = column_indices(header, (task.label,), path)[0]
     for line, fields in rows:
         if len(fields) != len(header):
             raise ValueError(f"{path}, line {line}: {len(fields)} columns, expected {len(header)} "
@@ -288,42 +318,84 @@ def _missing_message(task: Task, split: str, path: Path) -> str:
     return f"task {task.name!r} {split}: {path} does not exist; check the path in the task-set JSON file."
 
 
-def _read_table(path: Path, header: tuple[str, ...] | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """(header, [(line number, fields), ...]) of a .tsv (tabs, quoting off) or .csv file (csv module).
+def read_table(path: Path, header: tuple[str, ...] | None = None):
+    """(header, rows): rows yields (line number, fields) of a .tsv or .csv file, streaming; every text file
+    the project takes (training, dev, test, a corpus to label) is read by this one function.
 
-    `header` names the columns of a file without a header row (CoLA train/dev)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"{path}, line {line}: bytes that are not UTF-8 ({error.reason}); "
-                         "save the file as UTF-8") from None
-    text = text.removeprefix("\ufeff")  # MRPC train/dev start with a byte-order mark
+    The rules: UTF-8 (a byte-order mark at the start is dropped), lines end at "\\n" only (a "\\r" before
+    it is dropped; a lone "\\r" stays in the text), blank lines at the end of the file are ignored, no
+    limit on a field's length. A .tsv splits on tabs with no quoting (a '"' is text); a .csv follows the
+    csv module's defaults (commas, '"' quotes fields and may hold line breaks). `header` names the columns
+    of a file without a header row (CoLA train/dev). Errors name the file and line."""
+    lines = text_lines(path)
     if path.suffix.lower() == ".csv":
-        reader = csv.reader(io.StringIO(text))
-        try:
-            rows = [(reader.line_num, fields) for fields in reader]
-        except csv.Error as error:
-            raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
+        rows = _csv_rows(path, lines)
     else:
         # NOTE: no quote handling. With quoting on, a field that starts with '"' swallows the tabs and
         # lines after it (MRPC train would read 3570 rows, not 3668).
-        lines = text.split("\n")
-        if lines[-1] == "":
-            lines.pop()  # the final newline; CoLA dev and AX have none
-        rows = [(number, line.removesuffix("\r").split("\t")) for number, line in enumerate(lines, 1)]
+        rows = ((number, line.removesuffix("\r").split("\t")) for number, line in lines)
+    rows = _drop_trailing_blank(rows)
     if header is None:
-        if not rows:
+        first = next(rows, None)
+        if first is None:
             raise ValueError(f"{path}: the file is empty; expected a header row")
-        header = tuple(rows.pop(0)[1])
+        header = tuple(first[1])
     return list(header), rows
 
 
-def _column_indices(header: list[str], columns: tuple[str, ...], path: Path) -> list[int]:
+def text_lines(path: Path):
+    """(line number, text) of each line of a text file, split at "\\n" only, decoded as UTF-8 one line at
+    a time, a byte-order mark at the start dropped: how every text file is read (read_table, JSONL)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {number}: bytes that are not UTF-8 ({error.reason}); "
+                                 "save the file as UTF-8") from None
+            yield number, (line.removeprefix("\ufeff") if number == 1 else line).removesuffix("\n")
+
+
+def _csv_rows(path: Path, lines):
+    """(line number of the record's last line, fields); the csv module reads quoted line breaks itself."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # no field limit, as in .tsv files
+    reader = csv.reader(line + "\n" for _, line in lines)
+    try:
+        for fields in reader:
+            yield reader.line_num, fields
+    except csv.Error as error:
+        raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _drop_trailing_blank(rows):
+    blank = []  # blank rows are held back: kept if a row follows, dropped at the end of the file
+    for number, fields in rows:
+        if fields in ([""], []):
+            blank.append((number, fields))
+            continue
+        yield from blank
+        blank.clear()
+        yield number, fields
+
+
+def _read_table(path: Path, header: tuple[str, ...] | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    header, rows = read_table(path, header)
+    return header, list(rows)
+
+
+def column_indices(header: list[str], columns: tuple[str, ...], path: Path) -> list[int]:
+    """Where the named columns are; one that is absent or named twice in the header is an error."""
     absent = [column for column in columns if column not in header]
     if absent:
         raise ValueError(f"{path}: no column {', '.join(map(repr, absent))}; the header has {header}")
+    twice = [column for column in columns if header.count(column) > 1]
+    if twice:
+        where = [i + 1 for i, name in enumerate(header) if name == twice[0]]
+        raise ValueError(f"{path}: the header names column {twice[0]!r} more than once (columns "
+                         f"{', '.join(map(str, where))}); give each column its own name")
     return [header.index(column) for column in columns]
 
 
@@ -336,7 +408,7 @@ def load_split(task: Task, split: str, data_dir: str | Path) -> Examples:
     is_test = split.startswith("test")
     header, rows = _read_table(path, task.no_header if task.no_header and not is_test else None)
     has_labels = task.label is not None and not is_test
-    columns = _column_indices(header, task.text + ((task.label,) if has_labels else ()), path)
+    columns = column_indices(header, task.text + ((task.label,) if has_labels else ()), path)
     label_index = {label: index for index, label in enumerate(task.labels or ())}
     text_a, text_b, labels, short, unlabelled = [], [], [], [], []
     for line, fields in rows:
@@ -383,9 +455,32 @@ def _parse_label(task: Task, value: str, label_index: dict[str, int], where: str
 # Tokenization and the on-disk cache
 
 
+def _casing(model_dir: Path, vocab: dict[str, int]) -> dict:
+    """BertNormalizer's settings from tokenizer_config.json. Without that file the vocabulary decides:
+    an uncased one (no capital letters) is lowercased, as ELECTRA and BERT-uncased are; a cased one is
+    refused, since lowercasing its texts would silently lose what the model was trained to see."""
+    config_path = model_dir / "tokenizer_config.json"
+    if not config_path.is_file():
+        cased = sum(1 for token in vocab if not token.startswith("[") and token != token.lower())
+        if cased > 0.01 * len(vocab):
+            raise ValueError(f"{model_dir / 'vocab.txt'} has capital letters ({cased} tokens), but the "
+                             "folder has no tokenizer_config.json to say whether texts are lowercased: add "
+                             'one with {"do_lower_case": false} (or true)')
+        return {"lowercase": True}
+    config = read_json(config_path, "")
+    settings = {"lowercase": config.get("do_lower_case", True), "strip_accents": config.get("strip_accents"),
+                "handle_chinese_chars": config.get("tokenize_chinese_chars", True)}
+    for key, value in (("do_lower_case", settings["lowercase"]), ("strip_accents", settings["strip_accents"]),
+                       ("tokenize_chinese_chars", settings["handle_chinese_chars"])):
+        if not isinstance(value, bool) and not (key == "strip_accents" and value is None):
+            raise ValueError(f"{config_path}: {key} must be true or false, got {value!r}")
+    return settings
+
+
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The model's tokenizer: tokenizer.json if the folder has one, else an uncased BERT WordPiece
-    tokenizer built from vocab.txt (ELECTRA and BERT-uncased use the same recipe)."""
+    """The model's tokenizer: tokenizer.json if the folder has one, else a BERT WordPiece tokenizer built
+    from vocab.txt that lowercases (and strips accents) as the folder's tokenizer_config.json says
+    (do_lower_case, strip_accents, tokenize_chinese_chars, as in transformers' BertTokenizer)."""
     model_dir = Path(model_dir)
     if (model_dir / "tokenizer.json").is_file():
         try:
@@ -400,7 +495,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         if "[CLS]" not in vocab or "[SEP]" not in vocab:
             raise ValueError(f"{model_dir / 'vocab.txt'}: no [CLS] or [SEP] token; not a BERT vocabulary")
         tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)  # also strips accents
+        tokenizer.normalizer = normalizers.BertNormalizer(**_casing(model_dir, vocab))
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",  # type ids 0 | 1

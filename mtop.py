@@ -109,6 +109,10 @@ class PromptConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def prompt_positions(self, num_tasks: int) -> int:
+        """Prompt vectors in front of the text in one pass: N*L + S (one task's L in "separate")."""
+        return self.task_prompt_len * (1 if self.mode == "separate" else num_tasks) + self.shared_prompt_len
+
     @classmethod
     def from_dict(cls, raw: dict, source: str = "prompt settings") -> PromptConfig:
         """Read the keys to_dict writes (a folder written before prompt_entry and prompt_init existed used
@@ -385,11 +389,14 @@ class MTOP(nn.Module):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder (MTOP.save writes {SETTINGS_FILE} and "
                                     f"{WEIGHTS_FILE})")
-        settings = read_json(settings_path,
-                             "this is not a folder written by MTOP.save (a bare encoder folder "
-                                            "loads with electra.Electra.from_pretrained)")
+        if settings_path.is_file() and settings_path.stat().st_size > MAX_SETTINGS_BYTES:
+            raise ValueError(f"{settings_path}: {settings_path.stat().st_size} bytes; a settings file "
+                             f"written by MTOP.save is a few KB (at most {MAX_SETTINGS_BYTES})")
+        settings = read_json(settings_path, "this is not a folder written by MTOP.save (a bare encoder "
+                                            "folder loads with electra.Electra.from_pretrained)")
         if settings.get("format") != "mtop" or settings.get("version") != 1:
             raise ValueError(f"{settings_path}: not a version 1 MTOP settings file (written by MTOP.save)")
+        check_settings(settings, settings_path)
         try:
             config = ElectraConfig.from_dict(settings["encoder_config"], source=str(settings_path))
             # Built on the meta device: no memory and no random init for values read from disk next.
@@ -403,6 +410,29 @@ class MTOP(nn.Module):
         state = read_weights(folder / WEIGHTS_FILE, model.state_dict(), map_location)
         model.load_state_dict(state, assign=True)
         return model.eval(), settings.get("metadata", {})
+
+
+MAX_SETTINGS_BYTES = 1 << 20
+MAX_TASKS = 10_000
+
+
+def check_settings(settings: dict, path: Path) -> None:
+    """mtop.json's fields that PromptConfig and ElectraConfig do not check themselves: the task list (at
+    most MAX_TASKS (name, num_labels) pairs), freeze_encoder, encoder_config and metadata."""
+    tasks = settings.get("tasks")
+    if tasks is None:
+        raise ValueError(f"{path}: missing field 'tasks'")
+    if not isinstance(tasks, list) or not 0 < len(tasks) <= MAX_TASKS:
+        raise ValueError(f"{path}: field 'tasks' must be a list of 1 to {MAX_TASKS} [name, num_labels] pairs")
+    for i, task in enumerate(tasks):
+        ok = isinstance(task, list) and len(task) == 2 and isinstance(task[0], str) and \
+            isinstance(task[1], int) and not isinstance(task[1], bool) and 1 <= task[1] <= 100_000
+        if not ok:
+            raise ValueError(f"{path}: field 'tasks' item {i} is {str(task)[:60]!r}, not a [name, "
+                             "num_labels] pair with num_labels from 1 to 100000")
+    for key, kind in (("freeze_encoder", bool), ("encoder_config", dict), ("metadata", dict)):
+        if key in settings and not isinstance(settings[key], kind):
+            raise ValueError(f"{path}: field {key!r} must be a {kind.__name__}, got {settings[key]!r}")
 
 
 def read_weights(path: Path, expected: dict[str, torch.Tensor],

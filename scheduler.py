@@ -175,13 +175,15 @@ class DynamicTaskScheduler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict() (possibly after a JSON round trip); settings must match this scheduler's."""
         _check_saved(state, "dts", self.config())
-        self.alpha, self.steps = float(state["alpha"]), int(state["steps"])
-        self.q_values = {task: float(state["q_values"][task]) for task in self.task_sizes}
-        self.discounted_counts = {task: float(state["discounted_counts"][task]) for task in self.task_sizes}
-        saved = state["previous_metrics"]
-        self.previous_metrics = None if saved is None else {task: float(saved[task])
-                                                            for task in self.task_sizes}
-        _set_rng_state(self.rng, state["rng"])
+        tasks = self.task_sizes
+        alpha, steps = _saved_number(state, "alpha"), _saved_steps(state)
+        q_values = {task: _saved_number(state, "q_values", task) for task in tasks}
+        counts = {task: _saved_number(state, "discounted_counts", task) for task in tasks}
+        previous = None if state.get("previous_metrics") is None else {
+            task: _saved_number(state, "previous_metrics", task) for task in tasks}
+        _set_rng_state(self.rng, state.get("rng"))
+        self.alpha, self.steps, self.q_values, self.discounted_counts = alpha, steps, q_values, counts
+        self.previous_metrics = previous
 
 
 class SizeSampler:
@@ -237,8 +239,9 @@ class SizeSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict() (possibly after a JSON round trip); settings must match."""
         _check_saved(state, "size", self.config())
-        self.exponent, self.steps = float(state["exponent"]), int(state["steps"])
-        _set_rng_state(self.rng, state["rng"])
+        exponent, steps = _saved_number(state, "exponent"), _saved_steps(state)
+        _set_rng_state(self.rng, state.get("rng"))
+        self.exponent, self.steps = exponent, steps
 
 
 def make_sampler(name: str, task_sizes: dict[str, float],
@@ -294,14 +297,35 @@ def _check_saved(state: dict[str, Any], sampler: str, config: dict[str, Any]) ->
         raise ValueError(f"saved settings differ in {differing}: saved {saved}, here {config}")
 
 
+def _saved_number(state: dict[str, Any], key: str, task: str | None = None) -> float:
+    """A finite number of a saved state (a task's entry of a per-task table when task is given)."""
+    value = state.get(key)
+    if task is not None:
+        value = value.get(task) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        where = key if task is None else f"{key}[{task!r}]"
+        raise ValueError(f"saved state: {where} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _saved_steps(state: dict[str, Any]) -> int:
+    steps = state.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"saved state: steps is {steps!r}, not a whole number >= 0")
+    return steps
+
+
 def _rng_state(rng: random.Random) -> list:
     version, internal, gauss_next = rng.getstate()  # JSON has no tuples: store the 625 ints as a list
     return [version, list(internal), gauss_next]
 
 
 def _set_rng_state(rng: random.Random, state: list) -> None:
-    version, internal, gauss_next = state
-    rng.setstate((version, tuple(internal), gauss_next))
+    try:
+        version, internal, gauss_next = state
+        rng.setstate((version, tuple(internal), gauss_next))
+    except (TypeError, ValueError):
+        raise ValueError("saved state: rng is not a state of random.Random (from state_dict)") from None
 
 
 def _demo() -> None:

@@ -32,6 +32,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import electra
@@ -39,6 +40,8 @@ import glue_data
 import mtop
 import scheduler
 import train
+from support import checks as support_checks
+from support import files as support_files
 from support import glue_download, labelling, run_state
 
 ROOT = Path(__file__).resolve().parent
@@ -1917,7 +1920,8 @@ def test_diverging_run_stops_and_keeps_no_nonfinite_weights(tiny_model, token_ca
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.main(run_args(tiny_model, token_cache, out, "--tasks", "RTE,STS-B", "--max-steps", "20",
-                            "--eval-every", "1", "--interval", "5", "--lr", "1e10", "--warmup", "0"))
+                            "--eval-every", "1", "--interval", "5", "--lr", "1e10", "--warmup", "0",
+                            "--no-test"))
     message = str(stop.value)
     assert message.startswith("error:") and re.search(r"at step \d+", message) and "Lower --lr" in message
     files = list(out.rglob("*.safetensors"))
@@ -2250,6 +2254,53 @@ BAD_INPUTS = {
                                             edit=lambda b: (b / "model.safetensors").unlink()),
     "predict --device cuda without CUDA": predict_case("text\nA\n", "--device cuda", extra=("--device",
                                                                                             "cuda")),
+    # issue 19: inputs that could be misread are refused before any work, with the field named
+    "flag --device of no kind": bad_flag("--device", "tpu9"),
+    "flag --device cuda:7 of a CPU build": bad_flag("--device", "cuda:7"),
+    "flag input-positions past the positions": lambda w: (
+        w["flags"] + ["--prompt-entry", "input-positions", "--max-length", "512"], "puts 40 prompts"),
+    "flag heldout probes of a tiny task": lambda w: (
+        write_tsv(w["root"] / "data/train.tsv", [["premise", "hypothesis", "label", "score"]] + [
+            [f"p {i}", f"h {i}", ["yes", "no"][i % 2], "1.5"] for i in range(8)])
+        and w["flags"] + ["--probe-on", "heldout"], "8 rows leave none"),
+    "task f1 on three labels": task_change(lambda t: t[0].update(labels=["yes", "no", "maybe"], metric="f1"),
+                                           "metric 'f1' is binary F1"),
+    "train header names a column twice": file_change("data/train.tsv", "premise\thypothesis\tlabel\tpremise\n"
+                                                     "a\tb\tyes\t1\nc\td\tno\t2\n",
+                                                     "names column 'premise' more than once"),
+    "test file of another size (GLUE)": lambda w: (
+        ["--data-dir", str(SMALL_GLUE), "--tasks", "RTE", "--model", str(w["root"] / "model"), "--output-dir",
+         str(w["root"] / "run"), "--cache-dir", str(w["root"] / "cache"), "--max-steps", "2"],
+        "16 rows, but GLUE's RTE test file has 3000"),
+    "model config size as a string": model_change(
+        lambda m: edit_json(m / "config.json", lambda c: c.update(vocab_size="30522")), "vocab_size must be"),
+    "model config 100000 layers": model_change(
+        lambda m: edit_json(m / "config.json", lambda c: c.update(num_hidden_layers=100_000)),
+        "num_hidden_layers must be a whole number from 1 to 256"),
+    "model cased vocabulary without casing": model_change(
+        lambda m: (m / "vocab.txt").write_text("\n".join(
+            w.upper() if i > 2000 else w for i, w in enumerate((m / "vocab.txt").read_text().split("\n")))),
+        "has capital letters"),
+    "model casing not a boolean": model_change(
+        lambda m: (m / "tokenizer_config.json").write_text('{"do_lower_case": "no"}'),
+        "do_lower_case must be true or false"),
+    "predict three text columns": predict_case("a\tb\tc\nx\ty\tz\n", "names 3 columns",
+                                               extra=("--text-columns", "a,b,c")),
+    "predict mtop.json labels of the wrong count": predict_case("text\nA\n", "must be 2 strings",
+                                                                edit=lambda b:
+        edit_json(b / "mtop.json", lambda s: s["metadata"]["tasks"][0].update(labels=["yes"]))),
+    "predict mtop.json NaN scale": predict_case("text\nA\n", "std > 0", edit=lambda b: edit_json(
+        b / "mtop.json", lambda s: s["metadata"]["tasks"][1].update(scale=[float("nan"), 1.0]))),
+    "predict mtop.json 20000 tasks": predict_case("text\nA\n", "1 to 10000", edit=lambda b: edit_json(
+        b / "mtop.json", lambda s: s.update(tasks=[[f"t{i}", 2] for i in range(20_000)]))),
+    "predict mtop.json task of no classes": predict_case("text\nA\n", "item 0", edit=lambda b: edit_json(
+        b / "mtop.json", lambda s: s["tasks"][0].__setitem__(1, "2"))),
+    "predict mtop.json far too large": predict_case("text\nA\n", "bytes; a settings file", edit=lambda b:
+        (b / "mtop.json").write_text((b / "mtop.json").read_text() + " " * (2 << 20))),
+    "predict mtop.json max_length -1": predict_case("text\nA\n", "max_length -1", edit=lambda b: edit_json(
+        b / "mtop.json", lambda s: s["metadata"].update(max_length=-1))),
+    "predict config of 2^40 units": predict_case("text\nA\n", "hidden_size must be", edit=lambda b: edit_json(
+        b / "mtop.json", lambda s: s["encoder_config"].update(hidden_size=2**40))),
 }
 
 
@@ -2387,6 +2438,251 @@ def test_corpus_reader_gives_rows_or_a_clear_error(content, suffix, columns):
                                                           str) and (text_b is None or isinstance(text_b, str))
 
 
+# -- inputs never silently misread: what a task definition means is stated or refused ------------------
+
+def news_labels_task(tmp_path: Path, labels: list[str], metric) -> Path:
+    rows = [["text", "label"]] + [[f"story {i}", labels[i % len(labels)]] for i in range(12)]
+    for split in ("train", "dev"):
+        write_tsv(tmp_path / f"d/{split}.tsv", rows)
+    spec = {"tasks": [{"name": "tone", "train": "d/train.tsv", "dev": "d/dev.tsv", "text": "text",
+                       "label": "label", "type": "classification", "metric": metric}]}
+    (tmp_path / "tasks.json").write_text(json.dumps(spec))
+    return tmp_path / "tasks.json"
+
+
+def test_f1_needs_two_labels_and_names_the_one_it_scores(tmp_path):
+    """F1 on three labels is refused with the fix; on two it scores the second label, and the run's first
+    lines say so, with the labels and where they came from."""
+    with pytest.raises(ValueError,
+                       match=r"metric 'f1' is binary F1 .* 3 labels \['sports', 'tech', 'world'\]"):
+        glue_data.load_task_set(str(news_labels_task(tmp_path, ["sports", "tech", "world"], "f1")), tmp_path)
+    task, = glue_data.load_task_set(str(news_labels_task(tmp_path, ["neg", "pos"], ["f1", "accuracy"])),
+                                    tmp_path)
+    line, = glue_data.describe_labels(task)
+    assert "['neg', 'pos'] (from the sorted labels of" in line and "F1 scores 'pos'" in line
+    # F1 of the second label, worked by hand: 2 TP, 1 FP, 1 FN -> 2*2 / (2*2 + 1 + 1)
+    predictions, labels = np.array([1, 1, 1, 0, 0]), np.array([1, 1, 0, 1, 0])
+    assert glue_data.compute_metrics(task, predictions, labels)["f1"] == pytest.approx(4 / 6)
+
+
+def test_labels_that_differ_only_in_spelling_are_named_at_the_start(tiny_model, token_cache, tmp_path,
+                                                                    capsys):
+    """A binary column written as 0/1 and 0.0/1.0 is four classes, as the file says: the run's first lines
+    list them and warn that two pairs differ only in number format."""
+    task_set = news_labels_task(tmp_path, ["0", "1", "0.0", "1.0"], "accuracy")
+    train.main(run_args(tiny_model, token_cache, tmp_path / "run", "--task-set", str(task_set),
+                        "--max-steps", "1", "--no-test", "--batch-size", "2"))
+    out = capsys.readouterr().out
+    assert "tone: 4 labels ['0', '0.0', '1', '1.0']" in out
+    assert "warning: tone: the labels ['0', '0.0'] differ only in number format" in out
+    assert "['1', '1.0']" in out
+
+
+def cased_folder(tmp_path: Path, config: dict | None) -> Path:
+    folder = tmp_path / "cased"
+    folder.mkdir()
+    words = [w for w in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").split("\n") if w]
+    (folder / "vocab.txt").write_text("\n".join(words + [w.capitalize() for w in words[2000:3000]]
+                                                + ["Paris", "US", "Café"]) + "\n", encoding="utf-8")
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_vocab_tokenizer_follows_the_folders_casing_like_transformers(tmp_path, lower):
+    """A vocab.txt folder's tokenizer_config.json decides the casing, as for transformers' BertTokenizer;
+    a cased vocabulary without it is refused rather than lowercased."""
+    folder = cased_folder(tmp_path, {"do_lower_case": lower})
+    text = "Apple opened a store in Paris, US. Café au lait"
+    reference = transformers.BertTokenizer(str(folder / "vocab.txt"), do_lower_case=lower)
+    assert glue_data.load_tokenizer(folder).encode(text).ids == reference(text)["input_ids"]
+    (folder / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="has capital letters .* no tokenizer_config.json"):
+        glue_data.load_tokenizer(folder)
+
+
+def test_a_head_that_predicts_one_class_is_flagged(monkeypatch, tiny_model, token_cache, tmp_path, capsys):
+    """Every dev row given one class: the evaluation line warns and log.jsonl records the task and its label,
+    whatever its score."""
+    real = train.predict_encoded
+
+    def one_class(model, task, *args, **kwargs):
+        out = real(model, task, *args, **kwargs)
+        return np.zeros_like(out) if task == "RTE" else out
+    monkeypatch.setattr(train, "predict_encoded", one_class)
+    out = tmp_path / "run"
+    train.main(run_args(tiny_model, token_cache, out, "--tasks", "RTE,STS-B", "--max-steps", "2", "--no-test",
+                        "--sampler", "uniform"))
+    assert "warning: one class for every dev row: RTE ('entailment')" in capsys.readouterr().out
+    evals = [json.loads(line) for line in open(out / "log.jsonl") if '"eval"' in line]
+    assert evals[-1]["one_class"] == {"RTE": "entailment"}
+
+
+# -- inputs never silently misread: every text file is read one way ----------------------------------
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_every_table_reads_a_bom_long_fields_crlf_and_trailing_blank_lines(tmp_path, suffix):
+    """The one reader: a byte-order mark dropped, a field of 200,000 characters kept, CRLF line ends, blank
+    lines at the end ignored, a lone carriage return kept in the text."""
+    sep, carriage = ("\t", "x\ry") if suffix == ".tsv" else (",", '"x\ry"')  # csv: quoted, as csv wants
+    big = "a" * 200_000
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(("\ufeffsentence" + sep + "label\r\n" + big + sep + "1\r\n" + carriage + sep + "0\n\n\n")
+                     .encode("utf-8"))
+    header, rows = glue_data.read_table(path)
+    assert header == ["sentence", "label"]
+    assert [(n, f) for n, f in rows] == [(2, [big, "1"]), (3, ["x\ry", "0"])]
+
+
+@pytest.mark.parametrize("name, body", [
+    ("bom.tsv", "\ufefftext\nA good film\n" + "b" * 131_073 + "\n\n"),
+    ("bom.jsonl", '\ufeff{"text": "A good film"}\n{"text": "' + "b" * 131_073 + '"}\n'),
+    ("quoted.csv", 'text,other\n"A good film",x\n' + "b" * 131_073 + ",y\n"),
+])
+def test_a_corpus_that_trains_also_labels(trained_folder, tmp_path, name, body):
+    """--predict reads a corpus as training files are read: a byte-order mark, a field over csv's default
+    limit of 131,072 characters, quotes in a .csv."""
+    corpus = tmp_path / name
+    corpus.write_text(body, encoding="utf-8")
+    train.main(["--predict", str(corpus), "--checkpoint", str(trained_folder)])
+    rows = [json.loads(line) for line in open(f"{corpus}.predictions.jsonl")]
+    expected = [1, 2] if name.endswith(".jsonl") else [2, 3]
+    assert [r["line"] for r in rows] == expected
+    assert all(set(r) == {"line", "nli", "sim"} for r in rows)
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["ok", None], r"texts\[1\] is None, a NoneType, not a string \(a missing value\?\)"),
+    (["ok", float("nan")], r"texts\[1\] is nan, a float, not a string \(a missing value\?\)"),
+    ("one text", "texts must be a list of strings, got str"),
+    ([b"bytes"], r"texts\[0\] is b'bytes', a bytes"),
+])
+def test_labeller_names_the_item_that_is_not_a_string(trained_folder, texts, message):
+    with pytest.raises(ValueError, match=message):
+        train.Labeller(trained_folder)(texts)
+
+
+# -- inputs never silently misread: files read back are checked; killed writes are cleaned up ----------
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_model, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run of the small world stopped after one step: its folder holds a whole checkpoint."""
+    root = tmp_path_factory.mktemp("stopped")
+    world = make_world(root, tiny_model)
+    flags = [f for f in world["flags"]]
+    flags[flags.index("--max-steps") + 1] = "3"
+    flags += ["--eval-every", "1"]  # best/ is written at step 1
+    train.main(flags + ["--stop-after", "1"])
+    return root / "run", flags
+
+
+def edit_checkpoint(path: Path, change) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        text, tensors = f.metadata()["mtop_checkpoint"], {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(text)
+    change(state)
+    save_file(tensors, str(path), metadata={"mtop_checkpoint": json.dumps(state)})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(step="1"), "step is '1', not of type int"),
+    (lambda s: s.update(step=10**30), "step is 1000000000000000000000000000000 with a history of 1 steps"),
+    (lambda s: s.pop("history"), "history is missing"),
+    (lambda s: s["best"].update(average=float("nan")), "best.average is nan"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr=-1e-3), "param_groups.lr is -0.001"),
+    (lambda s: s["sampler"].update(exponent=float("nan")), "exponent is nan, not a finite number"),
+    (lambda s: s["streams"]["nli"].update(position=-2), "streams.nli is"),
+    (lambda s: s.update(rng=[]), "holds 0 generator states for 1 processes"),
+    (lambda s: s["model"].update({"extra.weight": s["model"]["heads.0.dense.weight"]}), "does not fit"),
+])
+def test_a_checkpoint_state_out_of_range_is_one_message(stopped_run, tmp_path, change, message):
+    """Each field of the checkpoint's state is checked before any of it is used: a wrong type, a range or
+    fields that disagree end --resume with one message naming the file and field, nothing trained."""
+    run, flags = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    edit_checkpoint(copy / run_state.CHECKPOINT, change)
+    before = (copy / run_state.CHECKPOINT).read_bytes()
+    argv = [f if f != str(run) else str(copy) for f in flags] + ["--resume"]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(argv)
+    assert (copy / run_state.CHECKPOINT).read_bytes() == before  # nothing trained, nothing written
+
+
+def test_a_settings_file_of_thousands_of_tasks_gets_a_short_message(trained_folder, tmp_path):
+    """mtop.json naming 5,000 tasks its weights do not have: one message that names the first keys and
+    how many there are, not every one of them."""
+    best = tmp_path / "best"
+    shutil.copytree(trained_folder, best)
+    edit_json(best / "mtop.json", lambda s: s.update(tasks=[[f"t{i}", 2] for i in range(5000)]))
+    with pytest.raises(ValueError) as refused:
+        mtop.MTOP.load(best)
+    assert "does not match" in str(refused.value) and "in all)" in str(refused.value)
+    assert len(str(refused.value)) < 4000
+
+
+def test_deeply_nested_checkpoint_json_is_refused_fast(tmp_path):
+    path = tmp_path / run_state.CHECKPOINT
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"mtop_checkpoint": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(ValueError, match="is damaged"):
+        run_state.load_checkpoint(path)
+
+
+def test_leftovers_of_killed_writes_are_cleaned_up_by_the_next_run(stopped_run, tmp_path, capsys):
+    """A temporary checkpoint file of a killed write is removed when the folder's run goes on; a best/
+    caught between its two renames is put back."""
+    run, flags = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    stale = copy / f".{run_state.CHECKPOINT}.abc123.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    (copy / "best").rename(copy / "best.old")
+    train.main([f if f != str(run) else str(copy) for f in flags] + ["--resume", "--stop-after", "1"])
+    assert not stale.exists() and "left by a write that was killed" in capsys.readouterr().out
+    assert (copy / "best" / "mtop.json").is_file() and not (copy / "best.old").exists()
+
+
+def test_a_full_disk_while_logging_is_one_message(monkeypatch, tmp_path):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_state, "open", no_space, raising=False)
+    with pytest.raises(SystemExit, match="cannot append to .*log.jsonl .No space left on device.; free some"):
+        run_state.JsonlLog(tmp_path / "log.jsonl", True).write(event="step", step=1)
+
+
+def test_a_full_disk_reported_by_safetensors_is_one_message(tmp_path):
+    """safetensors reports a full disk as its own error, not an OSError: it gets the same message."""
+    from safetensors import SafetensorError
+
+    def write(tmp):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+    with pytest.raises(OSError, match="no space left on the device while writing"):
+        support_files.atomic_write(tmp_path / "model.safetensors", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_dir_that_cannot_be_written_is_refused_before_work(monkeypatch, tiny_model, token_cache,
+                                                                  tmp_path):
+    monkeypatch.setattr(support_checks, "writable", lambda path: False)
+    with pytest.raises(SystemExit, match="cannot be written here"):
+        train.main(run_args(tiny_model, token_cache, tmp_path / "ro" / "run", "--tasks", "RTE"))
+    assert not (tmp_path / "ro").exists()
+
+
+def test_a_pickled_hub_model_that_is_refused_says_why(tmp_path, hub):
+    """A hub repository with only a pytorch_model.bin whose pickle holds more than tensors: the download
+    is refused with the reason, nothing is installed, and the pickle's code never runs."""
+    root, url = hub
+    folder = publish(root, "org/evil", electra.Electra(electra.ElectraConfig(**TINY)), pickled=True)
+    marker = tmp_path / "pwned"
+    torch.save({"w": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin was refused: its pickle holds more than tensors"):
+        electra.Electra.from_pretrained("org/evil", cache_dir=tmp_path / "cache", hub_url=url)
+    assert not marker.exists() and list((tmp_path / "cache" / "models").iterdir()) == []
+
+
 # -- faults: a kill in the middle of writing leaves the last complete state --------------------------------
 
 DIE_DURING = '''
@@ -2505,7 +2801,7 @@ def test_the_six_files_keep_their_layering():
     allowed = {"scheduler": set(), files: set(), system: set(), plot: set(), "electra": {files},
                "glue_data": {files}, "mtop": {"electra", files},
                "support.glue_download": {"glue_data", files},
-               "support.checks": {"glue_data", "electra", "support.glue_download", system},
+               "support.checks": {"glue_data", "electra", "mtop", "support.glue_download", system},
                "support.run_state": {"mtop", files, system},
                "support.labelling": {"glue_data", "mtop", "support.checks", system},
                "train": {"electra", "glue_data", "mtop", "scheduler", "support.checks", "support.labelling",

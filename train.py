@@ -187,6 +187,8 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
                                                      cache)
     data = {}
     for task in tasks:
+        for line in glue_data.describe_labels(task):  # what each head's outputs will mean
+            log(line, rank)
         start = time.perf_counter()
         train = enc(task, "train")
         dev = {split: enc(task, split) for split in task.dev_splits}
@@ -198,6 +200,9 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
         rng = np.random.default_rng(args.seed)
         if args.probe_on == "heldout":
             held = min(len(train) // 10, args.probe_size or len(train) // 10)
+            if held == 0:
+                raise ValueError(f"{task.name}: --probe-on heldout holds out 10% of the training rows, and "
+                                 f"{len(train)} rows leave none; use --probe-on dev")
             order = rng.permutation(len(train))
             train_idx, probe = np.sort(order[held:]), (train, np.sort(order[:held]))
         else:
@@ -223,13 +228,16 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
 # -- evaluation and the scheduler's probes ---------------------------------------------------------
 
 def evaluate(model, tasks, data, args) -> dict:
-    """Every dev split: all metrics per task, the task scores and the averages (0..1)."""
-    results, scores, primary = {}, {}, {}
+    """Every dev split: all metrics per task, the task scores and the averages (0..1), and the tasks whose
+    head predicted one class for every dev row ("one_class": {task: label}), whatever their scores."""
+    results, scores, primary, one_class = {}, {}, {}, {}
     for task in tasks:
         metrics = {}
         for split, encoded in data[task.name]["dev"].items():
             predictions = predict_encoded(model, task.name, encoded, None, args.device, args.dtype,
                                           data[task.name]["scale"], label=f"dev {task.name} {split}")
+            if task.kind == "classification" and len(set(predictions.tolist())) == 1:
+                one_class[task.name] = task.labels[int(predictions[0])]  # the head has not learned yet
             found = glue_data.compute_metrics(task, predictions, encoded.labels)
             suffix = "" if len(task.dev_splits) == 1 else f"_{split.split('_')[-1]}"
             metrics |= {f"{k}{suffix}": v for k, v in found.items()}
@@ -239,7 +247,7 @@ def evaluate(model, tasks, data, args) -> dict:
     # Two averages: GLUE's (each task's metrics averaged first: train.py keeps the best model by it) and
     # Table 1's (one metric per task: F1 for MRPC and QQP, Spearman for STS-B).
     return {"metrics": results, "scores": scores, "average": glue_data.glue_average(scores),
-            "primary": primary, "paper_average": glue_data.glue_average(primary)}
+            "primary": primary, "paper_average": glue_data.glue_average(primary), "one_class": one_class}
 
 
 def probe(model: MTOP, tasks, data, args) -> dict[str, float]:
@@ -278,6 +286,9 @@ def dev_evaluation(model: MTOP, tasks, data, args, run: Run) -> dict:
     log(f"dev at step {run.step}: average {100 * result['average']:.2f} (Table 1's: "
         f"{100 * result['paper_average']:.2f}) | " + " | ".join(
             f"{n} {100 * s:.2f}" for n, s in result["scores"].items()))
+    if result["one_class"]:
+        log("warning: one class for every dev row: " + ", ".join(
+            f"{n} ({label!r})" for n, label in result["one_class"].items()) + "; their scores are no skill")
     return result
 
 

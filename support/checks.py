@@ -10,6 +10,8 @@ line or flag and the fix, before a step is trained or a file written.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ import torch.distributed as dist
 
 import glue_data
 from electra import ElectraConfig, resolve_pretrained
+from mtop import PromptConfig
 from support.glue_download import download_glue
 from support.system import cpu_has_bf16, log
 
@@ -32,9 +35,19 @@ def user_errors():
 
 
 def check_device(device: str) -> None:
+    """--device: cpu, cuda or cuda:N, and a CUDA device must be there."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise SystemExit(f"error: --device {device!r}: give cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device}, but torch sees no CUDA device here (a CPU-only build of "
                          "torch, or no GPU): use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s), numbered from 0")
+
+
+def writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
 
 
 def check_flags(args, device: str) -> None:
@@ -43,6 +56,10 @@ def check_flags(args, device: str) -> None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --output-dir {out} is a file, not a folder; give a folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not writable(existing):
+        raise SystemExit(f"error: --output-dir {out}: {existing} cannot be written here (read-only, or "
+                         "another user's); give a folder you can write to")
 
 
 def check_data(tasks: list[glue_data.Task], args) -> None:
@@ -56,12 +73,18 @@ def check_data(tasks: list[glue_data.Task], args) -> None:
             if not examples.text_a:
                 raise ValueError(f"{examples.path}: no examples (only a header?); task {task.name} needs "
                                  f"rows in its {split} file")
+            official = glue_data.OFFICIAL_ROWS.get(f"{task.name}/{split}")
+            if (split.startswith("test") and not args.no_test and glue_data.GLUE_TASKS.get(task.name) == task
+                    and official is not None and len(examples) != official):
+                raise ValueError(f"{examples.path}: {len(examples)} rows, but GLUE's {task.name} {split} "
+                                 f"file has {official}: the leaderboard needs the official file (or run "
+                                 "with --no-test)")
         if args.max_length < 3 + 2 * (len(task.text) - 1):
             raise ValueError(f"--max-length {args.max_length} leaves no room for the text of {task.name}: "
                              f"[CLS] and [SEP] take {1 + len(task.text)} of them")
 
 
-def check_model(model_folder: Path, tokenizer, config: ElectraConfig, args) -> None:
+def check_model(model_folder: Path, tokenizer, config: ElectraConfig, args, num_tasks: int) -> None:
     """The vocabulary must be the model's own: ids beyond the embedding table would fail deep inside
     torch, and a much smaller vocabulary is a sign of the wrong tokenizer files."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -72,6 +95,15 @@ def check_model(model_folder: Path, tokenizer, config: ElectraConfig, args) -> N
     if args.max_length > config.max_position_embeddings:
         raise ValueError(f"--max-length {args.max_length} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
+    prompts = PromptConfig(args.mode, args.task_prompt_len, args.shared_prompt_len, args.prompt_entry,
+                           args.prompt_init)
+    positions = prompts.prompt_positions(num_tasks) if args.prompt_entry == "input-positions" else 0
+    if positions + args.max_length > config.max_position_embeddings:
+        limit = config.max_position_embeddings
+        raise ValueError(f"--prompt-entry input-positions puts {positions} prompts before the text: with "
+                         f"--max-length {args.max_length} that is {positions + args.max_length} positions, "
+                         f"over the model's max_position_embeddings={limit}; lower --max-length to "
+                         f"{limit - positions} or use --prompt-entry after-norm")
 
 
 def fetch_glue_if_absent(tasks: list[glue_data.Task], args, rank: int, world: int) -> None:
@@ -123,7 +155,8 @@ def prepare_inputs(args, rank: int, world: int, device: str):
         check_data(tasks, args)
         model_dir, model_folder = fetch_model(args, rank, world)
         tokenizer = glue_data.load_tokenizer(model_folder)
-        check_model(model_folder, tokenizer, ElectraConfig.from_json(model_folder / "config.json"), args)
+        config = ElectraConfig.from_json(model_folder / "config.json")
+        check_model(model_folder, tokenizer, config, args, len(tasks))
     if device == "cpu" and args.dtype == "bf16" and not cpu_has_bf16():
         log("warning: --dtype bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX) emulates them, "
             "tens of times slower than fp32: use --dtype fp32 on this machine", rank)

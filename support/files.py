@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 
 def read_json(path: Path, missing_hint: str) -> dict:
     """A JSON object from a file; a missing, unreadable or non-object file gets one error naming it."""
@@ -78,7 +80,10 @@ def atomic_write(path: Path, write) -> None:
     os.close(handle)
     tmp = Path(name)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except SafetensorError as err:  # safetensors reports a full disk as its own error, not an OSError
+            raise OSError(errno.ENOSPC if "No space" in str(err) else errno.EIO, str(err)) from None
         tmp.replace(path)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(err):

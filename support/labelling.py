@@ -11,9 +11,9 @@ MTOP's point (Sec. 3.1): with active_task=None, one forward pass gives every tas
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -72,47 +72,90 @@ def predict_encoded(model: MTOP, task: str, encoded: glue_data.Encoded, indices:
 
 
 def read_corpus(path: Path, columns: list[str]):
-    """Yield (line number, text_a, text_b or None) from a TSV with a header or a JSONL file."""
+    """Yield (line number, text_a, text_b or None) from a corpus: a .jsonl file (one JSON object per line,
+    key "text" by default), or a .tsv or .csv file with a header (the first column by default), read by
+    glue_data's readers under the rules of training files. Bad input: SystemExit naming file and line."""
+    if len(columns) > 2:
+        raise SystemExit(f"error: --text-columns names {len(columns)} columns ({', '.join(columns)}); a text "
+                         "is one column, or two for a pair")
     try:
-        yield from _read_corpus(path, columns)
-    except UnicodeDecodeError as err:
-        raise SystemExit(f"error: {path}: not UTF-8 text ({err.reason} at byte {err.start} of a block); "
-                         "save the corpus as UTF-8") from None
+        yield from (_read_jsonl if path.suffix.lower() == ".jsonl" else _read_tsv)(path, columns)
+    except ValueError as err:  # glue_data's readers name the file and line
+        raise SystemExit(f"error: {err}") from None
 
 
-def _read_corpus(path: Path, columns: list[str]):
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise SystemExit(f"error: {path}:{number}: not a JSON object ({err})") from None
-                    keys = columns or ["text"]
-                    missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-                    if missing:
-                        raise SystemExit(f"error: {path}:{number}: no key {missing[0]!r} (use "
-                                         "--text-columns)")
-                    texts = [row[k] for k in keys]
-                    if not all(isinstance(t, str) for t in texts):
-                        raise SystemExit(f"error: {path}:{number}: the value of {keys} must be a string")
-                    yield number, texts[0], texts[1] if len(texts) > 1 else None
-            return
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if not header or not any(header):
-            raise SystemExit(f"error: {path}: empty; expected a header row naming the text column(s)")
-        keys = columns or [header[0]]
-        missing = [k for k in keys if k not in header]
+def _read_jsonl(path: Path, columns: list[str]):
+    keys = columns or ["text"]
+    for number, line in glue_data.text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"error: {path}:{number}: not a JSON object ({err})") from None
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
         if missing:
-            raise SystemExit(f"error: {path}:1: no column {missing[0]!r} in header {header} (use "
-                             "--text-columns)")
-        where = [header.index(k) for k in keys]
-        for number, row in enumerate(reader, 2):
-            if len(row) != len(header):
-                raise SystemExit(f"error: {path}:{number}: {len(row)} columns, the header has {len(header)}")
-            yield number, row[where[0]], row[where[1]] if len(where) > 1 else None
+            raise SystemExit(f"error: {path}:{number}: no key {missing[0]!r} (use --text-columns)")
+        texts = [row[k] for k in keys]
+        if not all(isinstance(t, str) for t in texts):
+            raise SystemExit(f"error: {path}:{number}: the value of {keys} must be a string")
+        yield number, texts[0], texts[1] if len(texts) > 1 else None
+
+
+def _read_tsv(path: Path, columns: list[str]):
+    if path.stat().st_size == 0:
+        raise SystemExit(f"error: {path}: empty; expected a header row naming the text column(s)")
+    header, rows = glue_data.read_table(path)
+    keys = columns or [header[0]]
+    missing = [k for k in keys if k not in header]
+    if missing:
+        raise SystemExit(f"error: {path}:1: no column {missing[0]!r} in header {header} (use --text-columns)")
+    where = glue_data.column_indices(header, tuple(keys), path)
+    for number, row in rows:
+        if len(row) != len(header):
+            raise SystemExit(f"error: {path}:{number}: {len(row)} columns, the header has {len(header)}")
+        yield number, row[where[0]], row[where[1]] if len(where) > 1 else None
+
+
+def check_texts(items, name: str) -> None:
+    """Labeller's input: a list (or other sequence) of strings; the first item that is not is named."""
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__"):
+        raise ValueError(f"Labeller: {name} must be a list of strings, got {type(items).__name__} (for one "
+                         "text, pass [text])")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            hint = " (a missing value?)" if item is None or isinstance(item, float) and item != item else ""
+            raise ValueError(f"Labeller: {name}[{i}] is {item!r}, a {type(item).__name__}, not a "
+                             f"string{hint}")
+
+
+def check_metadata(metadata: dict, model: MTOP, path: Path) -> list[dict]:
+    """train.py's metadata in mtop.json, against the model it came with: one entry per head, labels as
+    many as the head's classes (or none: class ids are emitted), a finite regression scale with std > 0,
+    max_length within the encoder's positions. Returns the task entries; ValueError names the field."""
+    tasks = metadata.get("tasks")
+    if not isinstance(tasks, list) or any(not isinstance(t, dict) or not isinstance(t.get("name"), str)
+                                          for t in tasks):
+        raise ValueError(f"{path}: its metadata has no task list (written by train.py)")
+    by_name = {t["name"]: t for t in tasks}
+    for name, classes in model.num_labels.items():
+        entry = by_name.get(name)
+        if entry is None:
+            raise ValueError(f"{path}: metadata.tasks has no entry for the model's task {name!r}")
+        labels, scale = entry.get("labels") or [], entry.get("scale", (0.0, 1.0))
+        if classes > 1 and labels and (len(labels) != classes or not all(isinstance(x, str) for x in labels)):
+            raise ValueError(f"{path}: metadata.tasks {name!r}: labels {str(labels)[:80]} must be {classes} "
+                             f"strings, one per class of its head")
+        numbers = isinstance(scale, (list, tuple)) and len(scale) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scale)
+        if classes == 1 and not (numbers and scale[1] > 0):
+            raise ValueError(f"{path}: metadata.tasks {name!r}: scale {scale!r} must be [mean, std], finite, "
+                             "std > 0")
+    length, positions = metadata.get("max_length", 128), model.encoder.config.max_position_embeddings
+    if isinstance(length, bool) or not isinstance(length, int) or not 3 <= length <= positions:
+        raise ValueError(f"{path}: metadata.max_length {length!r} must be a whole number from 3 to "
+                         f"{positions}")
+    return tasks
 
 
 class Labeller:
@@ -128,16 +171,21 @@ class Labeller:
         self.model, self.metadata = MTOP.load(folder, map_location=device)
         self.tokenizer = glue_data.load_tokenizer(folder)
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        tasks = self.metadata.get("tasks")
-        if not isinstance(tasks, list) or any(not isinstance(t, dict) or "name" not in t for t in tasks):
-            raise ValueError(f"{Path(folder) / 'mtop.json'}: its metadata has no task list (written by "
-                             "train.py)")
+        tasks = check_metadata(self.metadata, self.model, Path(folder) / "mtop.json")
         self.labels = {t["name"]: t.get("labels") for t in tasks}
         self.scales = {t["name"]: t.get("scale", (0.0, 1.0)) for t in tasks}
         self.pair_tasks = [t["name"] for t in tasks if t.get("pair")]
 
     @torch.no_grad()
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        """texts (and pairs, of the same length): strings -> one {task: label or value} dict per text.
+        Raises ValueError naming the first item that is not a string (None, a NaN from pandas, ...)."""
+        check_texts(texts, "texts")
+        if pairs is not None:
+            check_texts(pairs, "pairs")
+            if len(pairs) != len(texts):
+                raise ValueError(f"Labeller: {len(texts)} texts but {len(pairs)} pairs; give one pair per "
+                                 "text")
         encoded = glue_data.encode(self.tokenizer, texts, pairs, self.metadata.get("max_length", 128))
         results: list[dict] = [{} for _ in texts]
         rows = np.arange(len(encoded))

@@ -100,7 +100,7 @@ def load_checkpoint(path: Path) -> dict:
         if text is None:
             raise ValueError("no training state in its metadata")
         return join_tensors(json.loads(text), tensors)
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, RecursionError) as err:
         raise ValueError(f"{path} is damaged or not a checkpoint of train.py ({err}). Delete it to start "
                          "this run again, or give another --output-dir") from None
 
@@ -149,9 +149,14 @@ class JsonlLog:
                                                        encoding="utf-8"))
 
     def write(self, **record) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: one message; the checkpoint on disk is whole
+            raise SystemExit(f"error: cannot append to {self.path} ({err.strerror or err}); free some space "
+                             "and continue with --resume") from None
 
 
 def save_best(model: MTOP, metadata: dict, model_folder: Path, folder: Path) -> None:
@@ -181,6 +186,45 @@ def data_fingerprint(tasks: list, data: dict) -> dict[str, str]:
     return out
 
 
+def check_state(state, tasks: list[str]) -> None:
+    """A checkpoint's state against what Run.save writes, before any of it is used: the types, the ranges
+    and how the fields agree (one task per step in the history, the learning rates finite and >= 0, each
+    task's stream position). ValueError names the field."""
+    def bad(field: str, wanted: str):
+        raise ValueError(f"checkpoint state: {field} {wanted}")
+    if not isinstance(state, dict):
+        bad("(the whole)", "is not a JSON object")
+    kinds = {"model": dict, "optimizer": dict, "lr_schedule": dict, "sampler": dict, "streams": dict,
+             "rng": list, "step": int, "best": dict, "history": list, "args": dict, "world": int,
+             "data": dict}
+    for key, kind in kinds.items():
+        if key not in state:
+            bad(key, "is missing")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            bad(key, f"is {str(state[key])[:40]!r}, not of type {kind.__name__}")
+    step, history, best = state["step"], state["history"], state["best"]
+    if not 0 <= step == len(history) or any(task not in tasks for task in history):
+        bad("step", f"is {step} with a history of {len(history)} steps; a run has one step of one of its "
+                    f"tasks ({', '.join(tasks)}) per step")
+    average = best.get("average")
+    if isinstance(average, bool) or not isinstance(average, (int, float)) or not average <= 1:
+        bad("best.average", f"is {average!r}, not a score (-Infinity before the first evaluation)")
+    best_step = best.get("step")
+    if isinstance(best_step, bool) or not isinstance(best_step, int) or not 0 <= best_step <= step:
+        bad("best.step", f"is {best_step!r}, not a step from 0 to {step}")
+    if state["world"] < 1 or len(state["rng"]) != state["world"]:
+        bad("rng", f"holds {len(state['rng'])} generator states for {state['world']} processes")
+    for group in state["optimizer"].get("param_groups", []):
+        lr = group.get("lr") if isinstance(group, dict) else None
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+            bad("optimizer.param_groups.lr", f"is {lr!r}, not a finite learning rate >= 0")
+    for task in tasks:
+        stream = state["streams"].get(task)
+        counts = [stream.get(k) for k in ("epoch", "position")] if isinstance(stream, dict) else [None]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            bad(f"streams.{task}", f"is {stream!r}, not {{'epoch': n, 'position': n}} with n >= 0")
+
+
 # -- the run ------------------------------------------------------------------------------------------
 
 class Run:
@@ -205,6 +249,8 @@ class Run:
         self.drawn = hashlib.sha256()  # the batches this rank drew (torchrun's agreement check)
 
     def _open(self) -> None:
+        if self.rank == 0:
+            self._clean_up()
         if (self.out / LEGACY_CHECKPOINT).exists():
             raise SystemExit(f"error: {self.out / LEGACY_CHECKPOINT} is a checkpoint of an earlier "
                              "train.py, a pickle file. It is not loaded: unpickling a file can run any code "
@@ -226,12 +272,25 @@ class Run:
             atomic_write(self.out / "args.json", lambda p: p.write_text(json.dumps(vars(self.args),
                                                                                    indent=2)))
 
+    def _clean_up(self) -> None:
+        """What a killed write left in the folder: temporary files of atomic_write (.NAME.*.tmp) are
+        removed; a best/ caught between its two renames (best.old there, best/ not) is put back."""
+        for stale in self.out.glob(".*.tmp") if self.out.is_dir() else []:
+            if stale.name.startswith((f".{CHECKPOINT}.", ".log.jsonl.", ".args.json.")):
+                log(f"removing {stale}, left by a write that was killed", self.rank)
+                stale.unlink(missing_ok=True)
+        best, old = self.out / "best", self.out / "best.old"
+        if old.is_dir() and not best.exists():
+            old.rename(best)
+        shutil.rmtree(self.out / "best.new", ignore_errors=True)
+
     def _restore(self) -> None:
         """Load the checkpoint into the parts; refuse one written with other settings or other data."""
         try:
             state = load_checkpoint(self.path)
+            check_state(state, list(self.parts["streams"]))
         except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
+            raise SystemExit(f"error: {err}".replace("checkpoint state:", f"{self.path}:")) from None
         changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {v!r}"
                    for k, v in vars(self.args).items()
                    if k not in RUN_ONLY and state["args"].get(k) != v]
@@ -243,18 +302,30 @@ class Run:
             raise SystemExit(f"error: --resume: {self.path} was written with other settings: "
                              f"{'; '.join(changed)}. Resume with the same ones, or start a new run in "
                              "another --output-dir.")
+        try:
+            self._load_parts(state)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+            raise SystemExit(f"error: {self.path}: a part of the state does not fit this run ({err}). Delete "
+                             "the file to start again, or give another --output-dir") from None
+        self.step, self.best, self.history = state["step"], state["best"], state["history"]
+
+    def _load_parts(self, state: dict) -> None:
         parts = self.parts
-        parts["model"].load_state_dict(state["model"])
+        parts["model"].load_state_dict(state["model"])  # strict: every key, every shape
         optimizer_state = state["optimizer"]
-        # JSON keys: strings
+        # JSON keys are strings
         optimizer_state["state"] = {int(k): v for k, v in optimizer_state["state"].items()}
         parts["optimizer"].load_state_dict(optimizer_state)
+        for param in parts["model"].parameters():  # AdamW's moments must have their parameter's shape
+            for name, value in parts["optimizer"].state.get(param, {}).items():
+                if name != "step" and value.shape != param.shape:
+                    raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of "
+                                     f"shape {tuple(param.shape)}")
         parts["lr_schedule"].load_state_dict(state["lr_schedule"])
         parts["sampler"].load_state_dict(state["sampler"])
-        for name, s in state["streams"].items():
-            parts["streams"][name].load_state_dict(s)
+        for name, stream in state["streams"].items():
+            parts["streams"][name].load_state_dict(stream)
         set_rng_state(state["rng"][self.rank], self.device)
-        self.step, self.best, self.history = state["step"], state["best"], state["history"]
 
     @contextlib.contextmanager
     def stop_if_diverged(self):
