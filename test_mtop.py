@@ -2284,6 +2284,8 @@ BAD_INPUTS = {
     "model casing not a boolean": model_change(
         lambda m: (m / "tokenizer_config.json").write_text('{"do_lower_case": "no"}'),
         "do_lower_case must be true or false"),
+    "predict output is a folder": lambda w: predict_case("text\nA\n", "cannot write a file there",
+                                                         extra=("--predict-output", str(w["root"])))(w),
     "predict three text columns": predict_case("a\tb\tc\nx\ty\tz\n", "names 3 columns",
                                                extra=("--text-columns", "a,b,c")),
     "predict mtop.json labels of the wrong count": predict_case("text\nA\n", "must be 2 strings",

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import glue_data
 from mtop import MTOP
-from support.checks import check_device, user_errors
+from support.checks import check_device, user_errors, writable
 from support.system import autocast, log, pad_multiple, setup_distributed
 
 
@@ -76,8 +76,8 @@ def read_corpus(path: Path, columns: list[str]):
     key "text" by default), or a .tsv or .csv file with a header (the first column by default), read by
     glue_data's readers under the rules of training files. Bad input: SystemExit naming file and line."""
     if len(columns) > 2:
-        raise SystemExit(f"error: --text-columns names {len(columns)} columns ({', '.join(columns)}); a text "
-                         "is one column, or two for a pair")
+        raise SystemExit(f"error: {len(columns)} text columns ({', '.join(columns)}); a text is one column, "
+                         "or two for a pair")
     try:
         yield from (_read_jsonl if path.suffix.lower() == ".jsonl" else _read_tsv)(path, columns)
     except ValueError as err:  # glue_data's readers name the file and line
@@ -152,6 +152,8 @@ def check_metadata(metadata: dict, model: MTOP, path: Path) -> list[dict]:
             raise ValueError(f"{path}: metadata.tasks {name!r}: scale {scale!r} must be [mean, std], finite, "
                              "std > 0")
     length, positions = metadata.get("max_length", 128), model.encoder.config.max_position_embeddings
+    if model.prompt_entry == "input-positions":  # the prompts take positions before the text
+        positions -= model.prompts.prompt_positions(len(model.tasks))
     if isinstance(length, bool) or not isinstance(length, int) or not 3 <= length <= positions:
         raise ValueError(f"{path}: metadata.max_length {length!r} must be a whole number from 3 to "
                          f"{positions}")
@@ -220,6 +222,12 @@ def predict_corpus(args) -> Path | None:
     if not target.parent.is_dir():
         raise SystemExit(f"error: --predict-output: the folder {target.parent} does not exist; create it "
                          "first")
+    if target.is_dir() or not writable(target.parent) or target.exists() and not writable(target):
+        raise SystemExit(f"error: --predict-output {target}: cannot write a file there (a folder, or "
+                         "read-only); give another path (nothing was written)")
+    if len(columns) > 2:
+        raise SystemExit(f"error: --text-columns names {len(columns)} columns ({', '.join(columns)}); a text "
+                         "is one column, or two for a pair")
     with user_errors():
         labeller = Labeller(folder, device, args.dtype)
     if len(columns) < 2 and labeller.pair_tasks:
