@@ -150,9 +150,21 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
         values[f"{plan}.{name}.seeds"] = str(len(results))
     for name, results in runs.items():  # differences of the GLUE averages' means, for the prose
         for other, other_results in runs.items():
-            gap = np.mean([r["final"]["average"] for r in results]) - np.mean([r["final"]["average"]
-                                                                               for r in other_results])
+            mine, theirs = ([r["final"]["average"] for r in rs] for rs in (results, other_results))
+            gap = np.mean(mine) - np.mean(theirs)
             values[f"{plan}.{name}.minus.{other}"] = f"{100 * gap:.1f}"
+            # Welch's standard error of the gap, and the gap in those units (needs 2 seeds on each side)
+            if len(mine) > 1 and len(theirs) > 1:
+                se = np.sqrt(np.var(mine, ddof=1) / len(mine) + np.var(theirs, ddof=1) / len(theirs))
+                values[f"{plan}.{name}.minus.{other}.se"] = f"{100 * se:.1f}"
+                values[f"{plan}.{name}.minus.{other}.t"] = f"{gap / se:.1f}" if se > 0 else "inf"
+            paired = [a["final"]["average"] - b["final"]["average"] for a in results for b in other_results
+                      if a["seed"] == b["seed"]]
+            if len(paired) > 1 and np.std(paired) > 0:  # one seed's runs share the data order: paired t
+                t = np.mean(paired) / (np.std(paired, ddof=1) / np.sqrt(len(paired)))
+                values[f"{plan}.{name}.minus.{other}.paired_t"] = f"{t:.1f}"
+                ahead = sum(d > 0 for d in paired)
+                values[f"{plan}.{name}.minus.{other}.ahead"] = f"{ahead} of {len(paired)}"
     # The plan's budget from a run trained as one model (a single-task run holds one flag list per task,
     # each with that task's share of the steps).
     flat = [r[0]["flags"] for r in runs.values() if not isinstance(r[0]["flags"][0], list)]

@@ -19,6 +19,9 @@ first task (eval mode, no dropout):
     dev                 the task's dev score (all of dev)
     grad_norm           mean gradient norms since the last measurement: the trained task's prompts,
                         the shared prompts, the heads, the encoder
+    linear_probe_*      with --linear-probe N: the task's dev score of a logistic-regression probe
+                        fitted on N training texts, on the head's input (head_input: the pooled prompt
+                        feature, or [CLS] in mode none) and on the text-alone [CLS] (cls_alone)
 
 One JSON file per configuration in --out (a finished one is skipped when the script runs again).
 """
@@ -98,6 +101,8 @@ def measure(model, task, batch, dev, args) -> dict:
             shift.append(float(delta.mean()))
         result |= {"attention_text_to_prompts": text_to_prompt, "attention_prompts_to_text": prompt_to_text,
                    "text_shift": shift}
+    if args.linear_probe and task.kind == "classification":
+        result |= linear_probes(model, task, args)
     encoded = dev
     predictions = predict_encoded(model, task.name, encoded, None, "cpu", "fp32", args.scale)
     metrics = glue_data.compute_metrics(task, predictions, encoded.labels)
@@ -105,6 +110,65 @@ def measure(model, task, batch, dev, args) -> dict:
     if task.kind == "classification":
         result["majority_share"] = float(np.bincount(predictions).max() / len(predictions))
     return result
+
+
+@torch.no_grad()
+def features_of(model, task, encoded, rows) -> dict[str, torch.Tensor]:
+    """For the texts `rows` (eval mode): the head's input (the pooled prompt feature of Eq. 1, or [CLS] in
+    mode none) and the [CLS] output of the same encoder run on the text alone: {name: (n, D)}."""
+    model.eval()
+    pooled, cls = [], []
+    for batch in glue_data.batch_order(encoded.lengths[rows], 64, 0, 0, shuffle=False):
+        inputs = glue_data.collate(encoded, rows[batch])
+        ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
+        alone = model.encode(ids, mask, types, None, rows=slice(0, 1))[:, 0]  # (b, D)
+        pool = model.prompt_pool()
+        if pool is None:
+            feature = alone
+        else:
+            i, L = model.task_index[task.name], model.task_prompt_len
+            feature = model.encode(ids, mask, types, pool, rows=slice(i * L, (i + 1) * L)).mean(1)  # Eq. (1)
+        order = torch.as_tensor(batch)
+        pooled.append((order, feature))
+        cls.append((order, alone))
+    def gather(parts):
+        out = torch.empty(len(rows), parts[0][1].shape[-1])
+        for order, values in parts:
+            out[order] = values
+        return out
+    return {"head_input": gather(pooled), "cls_alone": gather(cls)}
+
+
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-2) -> torch.nn.Linear:
+    """A logistic-regression probe (L2-regularised, LBFGS) on standardised features."""
+    probe = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + l2 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return probe
+
+
+def linear_probes(model, task, args) -> dict[str, float]:
+    """What the head's input carries about the labels, against [CLS]: a linear probe fitted on
+    --linear-probe training texts, scored (the task's metrics) on all of dev."""
+    train_set, dev = args.data[task.name]["train"], args.data[task.name]["dev"][task.dev_splits[0]]
+    rows = np.sort(np.random.default_rng(0).permutation(len(train_set))[:args.linear_probe])
+    fit, held = features_of(model, task, train_set, rows), features_of(model, task, dev, np.arange(len(dev)))
+    y = torch.as_tensor(train_set.labels[rows])
+    scores = {}
+    for name in fit:
+        mean, std = fit[name].mean(0), fit[name].std(0) + 1e-6
+        probe = fit_linear_probe((fit[name] - mean) / std, y, task.num_labels)
+        predictions = probe((held[name] - mean) / std).argmax(-1).numpy()
+        scores[f"linear_probe_{name}"] = glue_data.task_score(
+            task, glue_data.compute_metrics(task, predictions, dev.labels))
+    return scores
 
 
 def run(config: dict, options) -> dict:
@@ -125,7 +189,7 @@ def run(config: dict, options) -> dict:
     dev = data[task.name]["dev"][task.dev_splits[0]]
     rows = np.random.default_rng(0).permutation(len(dev))[:options.texts]
     batch = glue_data.collate(dev, np.sort(rows))
-    options.scale = data[task.name]["scale"]
+    options.scale, options.data = data[task.name]["scale"], data
 
     shared = [model.shared_prompts] if model.shared_prompts is not None else []
     groups = {"task_prompts": [p for p in model.prompt_parameters() if not any(p is s for s in shared)],
@@ -177,6 +241,9 @@ def main() -> None:
     parser.add_argument("--measure-every", type=int, default=50)
     parser.add_argument("--texts", type=int, default=64, help="dev texts the features are measured on")
     parser.add_argument("--lr", default="1e-4")
+    parser.add_argument("--linear-probe", type=int, default=0,
+                        help="training texts a linear probe of the head's input and of [CLS] is fitted on "
+                             "at each measurement (0: none)")
     parser.add_argument("--out", required=True)
     options = parser.parse_args()
     out = Path(options.out)
