@@ -75,14 +75,16 @@ class ElectraConfig:
             raise ValueError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only 'gelu')")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{source}: only absolute position embeddings are supported")
-        known = {f.name: f.type for f in fields(cls)}
-        values = {k: v for k, v in raw.items() if k in known}
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}  # null: the default
         values.setdefault("embedding_size", raw.get("hidden_size", cls.hidden_size))  # BERT: E = D
         for key, value in values.items():  # a number written as a string, a negative size, NaN ...
-            wanted = _wanted(key, known[key] in (int, "int"), value)
-            if wanted:
-                raise ValueError(f"{source}: {key} must be {wanted}, got {value!r}")
+            if not _in_range(key, value):
+                raise ValueError(f"{source}: {key} must be {_range_text(key)}, got {value!r}")
         config = cls(**values)
+        if config.pad_token_id >= config.vocab_size:
+            raise ValueError(f"{source}: pad_token_id {config.pad_token_id} is not below vocab_size "
+                             f"{config.vocab_size}")
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"{source}: hidden_size {config.hidden_size} is not divisible by "
                              f"num_attention_heads {config.num_attention_heads}")
@@ -104,16 +106,23 @@ LIMITS = {"num_hidden_layers": 256, "num_attention_heads": 1024, "hidden_size": 
           "max_position_embeddings": 1_000_000, "type_vocab_size": 1024}
 
 
-def _wanted(key: str, whole: bool, value) -> str:
-    """What a config field must be, or "" when `value` is that: whole numbers 1..2^31 (pad_token_id from
-    0), probabilities in [0, 1), layer_norm_eps in (0, 1)."""
-    lowest, highest = 0 if key == "pad_token_id" else 1, LIMITS.get(key, 2**31)
-    if whole:
-        ok = isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= highest
-        return "" if ok else f"a whole number from {lowest} to {highest}"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1 and \
-        (value > 0 or key != "layer_norm_eps")
-    return "" if ok else "a number from 0 to 1 (not 1)"
+FRACTIONS = ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob")  # the rest: sizes
+
+
+def _in_range(key: str, value) -> bool:
+    """Sizes: whole numbers from 1 (pad_token_id from 0) to LIMITS (2^31 - 1 without one); the dropout
+    probabilities in [0, 1); layer_norm_eps in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if key in FRACTIONS else int):
+        return False
+    if key in FRACTIONS:
+        return 0 < value < 1 if key == "layer_norm_eps" else 0 <= value < 1
+    return (0 if key == "pad_token_id" else 1) <= value <= LIMITS.get(key, 2**31 - 1)
+
+
+def _range_text(key: str) -> str:
+    if key in FRACTIONS:
+        return "a number above 0 and below 1" if key == "layer_norm_eps" else "a number from 0 to below 1"
+    return f"a whole number from {0 if key == 'pad_token_id' else 1} to {LIMITS.get(key, 2**31 - 1)}"
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -398,6 +407,7 @@ def check_keys(path: Path, against: str, found: dict[str, torch.Size], expected:
     unexpected = list(unexpected) + [k for k in found if k not in expected]
     bad_shape = [f"{k} {tuple(found[k])} != {tuple(shape)}" for k, shape in expected.items()
                  if k in found and found[k] != shape]
+
     def listed(items: list[str], sep: str = ", ") -> str:  # at most 20 named: a message stays readable
         return sep.join(items[:20]) + (f"{sep}... ({len(items)} in all)" if len(items) > 20 else "")
     if missing or unexpected or bad_shape:

@@ -51,6 +51,10 @@ from tokenizers.models import WordPiece
 
 from support.files import atomic_write, read_json
 
+# .csv fields have no length limit, as .tsv fields have none (csv's default is 131,072 characters). The
+# setting is the process's; set once, here, so that reads that overlap never see another value.
+csv.field_size_limit(2**31 - 1)
+
 
 @dataclass(frozen=True)
 class Task:
@@ -340,6 +344,9 @@ def read_table(path: Path, header: tuple[str, ...] | None = None):
         if first is None:
             raise ValueError(f"{path}: the file is empty; expected a header row")
         header = tuple(first[1])
+        if not any(name.strip() for name in header):
+            raise ValueError(f"{path}, line {first[0]}: the header row is empty; the first line names the "
+                             "columns")
     return list(header), rows
 
 
@@ -358,16 +365,12 @@ def text_lines(path: Path):
 
 def _csv_rows(path: Path, lines):
     """(line number of the record's last line, fields); the csv module reads quoted line breaks itself."""
-    limit = csv.field_size_limit()
-    csv.field_size_limit(2**31 - 1)  # no field limit, as in .tsv files
     reader = csv.reader(line + "\n" for _, line in lines)
     try:
         for fields in reader:
             yield reader.line_num, fields
     except csv.Error as error:
         raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
-    finally:
-        csv.field_size_limit(limit)
 
 
 def _drop_trailing_blank(rows):
@@ -455,20 +458,28 @@ def _parse_label(task: Task, value: str, label_index: dict[str, int], where: str
 # Tokenization and the on-disk cache
 
 
+def _vocabulary_casing(model_dir: Path, vocab: dict[str, int]) -> bool:
+    """True (lowercase) for a vocabulary without capital letters; a cased one is refused: without a
+    tokenizer_config.json that says do_lower_case, whether to lowercase its texts cannot be told."""
+    cased = sum(1 for token in vocab if not token.startswith("[") and token != token.lower())
+    if cased > 0.01 * len(vocab):
+        raise ValueError(f"{model_dir / 'vocab.txt'} has capital letters ({cased} tokens), but nothing in "
+                         "the folder says whether texts are lowercased: add a tokenizer_config.json with "
+                         '{"do_lower_case": false} (or true)')
+    return True
+
+
 def _casing(model_dir: Path, vocab: dict[str, int]) -> dict:
     """BertNormalizer's settings from tokenizer_config.json. Without that file the vocabulary decides:
     an uncased one (no capital letters) is lowercased, as ELECTRA and BERT-uncased are; a cased one is
     refused, since lowercasing its texts would silently lose what the model was trained to see."""
     config_path = model_dir / "tokenizer_config.json"
     if not config_path.is_file():
-        cased = sum(1 for token in vocab if not token.startswith("[") and token != token.lower())
-        if cased > 0.01 * len(vocab):
-            raise ValueError(f"{model_dir / 'vocab.txt'} has capital letters ({cased} tokens), but the "
-                             "folder has no tokenizer_config.json to say whether texts are lowercased: add "
-                             'one with {"do_lower_case": false} (or true)')
-        return {"lowercase": True}
+        return {"lowercase": _vocabulary_casing(model_dir, vocab)}
     config = read_json(config_path, "")
-    settings = {"lowercase": config.get("do_lower_case", True), "strip_accents": config.get("strip_accents"),
+    if config.get("do_lower_case") is None:  # the file does not say: the vocabulary decides, as above
+        config["do_lower_case"] = _vocabulary_casing(model_dir, vocab)
+    settings = {"lowercase": config["do_lower_case"], "strip_accents": config.get("strip_accents"),
                 "handle_chinese_chars": config.get("tokenize_chinese_chars", True)}
     for key, value in (("do_lower_case", settings["lowercase"]), ("strip_accents", settings["strip_accents"]),
                        ("tokenize_chinese_chars", settings["handle_chinese_chars"])):

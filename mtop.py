@@ -376,6 +376,9 @@ class MTOP(nn.Module):
             text = json.dumps(settings, indent=2)
         except TypeError as err:
             raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
+        if len(text.encode()) > MAX_SETTINGS_BYTES:  # load would refuse it
+            raise ValueError(f"{SETTINGS_FILE} would be {len(text.encode())} bytes, over "
+                             f"{MAX_SETTINGS_BYTES}: keep large metadata in a file of its own")
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

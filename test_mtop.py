@@ -2286,6 +2286,11 @@ BAD_INPUTS = {
         "do_lower_case must be true or false"),
     "predict output is a folder": lambda w: predict_case("text\nA\n", "cannot write a file there",
                                                          extra=("--predict-output", str(w["root"])))(w),
+    "predict mtop.json labels as a string": predict_case("text\nA\n", "must be 2 strings", edit=lambda b:
+        edit_json(b / "mtop.json", lambda s: s["metadata"]["tasks"][0].update(labels="xy"))),
+    "predict corpus whose header is blank": predict_case("\ntext\nA\n", "the header row is empty"),
+    "model config pad id past the vocabulary": model_change(
+        lambda m: edit_json(m / "config.json", lambda c: c.update(pad_token_id=40000)), "pad_token_id 40000"),
     "predict three text columns": predict_case("a\tb\tc\nx\ty\tz\n", "names 3 columns",
                                                extra=("--text-columns", "a,b,c")),
     "predict mtop.json labels of the wrong count": predict_case("text\nA\n", "must be 2 strings",
@@ -2500,7 +2505,10 @@ def test_vocab_tokenizer_follows_the_folders_casing_like_transformers(tmp_path, 
     reference = transformers.BertTokenizer(str(folder / "vocab.txt"), do_lower_case=lower)
     assert glue_data.load_tokenizer(folder).encode(text).ids == reference(text)["input_ids"]
     (folder / "tokenizer_config.json").unlink()
-    with pytest.raises(ValueError, match="has capital letters .* no tokenizer_config.json"):
+    with pytest.raises(ValueError, match="has capital letters .* add a tokenizer_config.json"):
+        glue_data.load_tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text('{"strip_accents": null}')  # says nothing of the case
+    with pytest.raises(ValueError, match="has capital letters"):
         glue_data.load_tokenizer(folder)
 
 
@@ -2590,6 +2598,8 @@ def edit_checkpoint(path: Path, change) -> None:
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update(step="1"), "step is '1', not of type int"),
     (lambda s: s.update(step=10**30), "step is 1000000000000000000000000000000 with a history of 1 steps"),
+    (lambda s: s.update(history=["elsewhere"]), "history names 'elsewhere', not one of this run's tasks"),
+    (lambda s: s["optimizer"]["state"]["0"].update(exp_avg=3), "optimizer exp_avg of shape ()"),
     (lambda s: s.pop("history"), "history is missing"),
     (lambda s: s["best"].update(average=float("nan")), "best.average is nan"),
     (lambda s: s["optimizer"]["param_groups"][0].update(lr=-1e-3), "param_groups.lr is -0.001"),
@@ -2643,6 +2653,38 @@ def test_leftovers_of_killed_writes_are_cleaned_up_by_the_next_run(stopped_run, 
     train.main([f if f != str(run) else str(copy) for f in flags] + ["--resume", "--stop-after", "1"])
     assert not stale.exists() and "left by a write that was killed" in capsys.readouterr().out
     assert (copy / "best" / "mtop.json").is_file() and not (copy / "best.old").exists()
+
+
+def test_a_refused_run_leaves_the_folder_of_another_run_alone(stopped_run, tmp_path):
+    """A new run started by mistake in a folder whose run may still be writing is refused before it
+    touches anything, its temporary files included."""
+    run, flags = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    in_flight = copy / f".{run_state.CHECKPOINT}.xyz.tmp"
+    in_flight.write_bytes(b"\0")
+    with pytest.raises(SystemExit, match="exists: continue that run with --resume"):
+        train.main([f if f != str(run) else str(copy) for f in flags])
+    assert in_flight.exists()
+
+
+def test_a_cased_model_trains_and_labels_with_its_casing(tmp_path, capsys):
+    """A vocab.txt model whose tokenizer_config.json says do_lower_case false: best/ keeps that file,
+    so --predict and Labeller tokenize as training did (transformers' BertTokenizer is the reference)."""
+    folder = cased_folder(tmp_path, {"do_lower_case": False})
+    torch.manual_seed(0)
+    electra.Electra(electra.ElectraConfig(vocab_size=len((folder / "vocab.txt").read_text().split()),
+                                          embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2,
+                                          intermediate_size=32)).save_pretrained(folder)
+    world = make_world(tmp_path / "w", folder)
+    train.main(world["flags"])
+    best = tmp_path / "w" / "run" / "best"
+    assert json.loads((best / "tokenizer_config.json").read_text()) == {"do_lower_case": False}
+    text = "Apple opened a store in Paris, US."
+    reference = transformers.BertTokenizer(str(folder / "vocab.txt"), do_lower_case=False)
+    assert glue_data.load_tokenizer(best).encode(text).ids == reference(text)["input_ids"]
+    assert set(train.Labeller(best)([text])[0]) == {"nli", "sim"}
 
 
 def test_a_full_disk_while_logging_is_one_message(monkeypatch, tmp_path):

@@ -320,6 +320,19 @@ def diagnosis(folder: str, values: dict) -> dict[str, str]:
         lines.append(f"| {label(r)} | " + " | ".join(f"{p['feature_variation']:.2f} / {100 * p['dev']:.0f}"
                                                    for p in r["points"]) + " |")
     tables[f"diag:{folder}:training"] = "\n".join(lines)
+    if "linear_probe_head_input" in results[0]["points"][0]:  # what the head's input carries (--linear-probe)
+        head_row = "| prompts | " + " | ".join(f"step {s}" for s in steps) + " |"
+        lines = [head_row, "|---|" + "---|" * len(steps)]
+        for r in results:
+            cells = []
+            for p in r["points"]:
+                head, cls = 100 * p["linear_probe_head_input"], 100 * p["linear_probe_cls_alone"]
+                values[f"{folder}.{key(r)}.step{p['step']}.probe_head"] = f"{head:.1f}"
+                values[f"{folder}.{key(r)}.step{p['step']}.probe_cls"] = f"{cls:.1f}"
+                values[f"{folder}.{key(r)}.step{p['step']}.majority"] = f"{p.get('majority_share', 0):.2f}"
+                cells.append(f"{head:.1f} / {cls:.1f} / {100 * p['dev']:.1f}")
+            lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
+        tables[f"diag:{folder}:probes"] = "\n".join(lines)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -75,13 +75,17 @@ def read_corpus(path: Path, columns: list[str]):
     """Yield (line number, text_a, text_b or None) from a corpus: a .jsonl file (one JSON object per line,
     key "text" by default), or a .tsv or .csv file with a header (the first column by default), read by
     glue_data's readers under the rules of training files. Bad input: SystemExit naming file and line."""
-    if len(columns) > 2:
-        raise SystemExit(f"error: {len(columns)} text columns ({', '.join(columns)}); a text is one column, "
-                         "or two for a pair")
+    check_columns(columns)
     try:
-        yield from (_read_jsonl if path.suffix.lower() == ".jsonl" else _read_tsv)(path, columns)
+        yield from (_read_jsonl if path.suffix.lower() == ".jsonl" else _read_table)(path, columns)
     except ValueError as err:  # glue_data's readers name the file and line
         raise SystemExit(f"error: {err}") from None
+
+
+def check_columns(columns: list[str]) -> None:
+    if len(columns) > 2:
+        raise SystemExit(f"error: --text-columns names {len(columns)} columns ({', '.join(columns)}); a text "
+                         "is one column, or two for a pair")
 
 
 def _read_jsonl(path: Path, columns: list[str]):
@@ -102,7 +106,7 @@ def _read_jsonl(path: Path, columns: list[str]):
         yield number, texts[0], texts[1] if len(texts) > 1 else None
 
 
-def _read_tsv(path: Path, columns: list[str]):
+def _read_table(path: Path, columns: list[str]):
     if path.stat().st_size == 0:
         raise SystemExit(f"error: {path}: empty; expected a header row naming the text column(s)")
     header, rows = glue_data.read_table(path)
@@ -142,8 +146,9 @@ def check_metadata(metadata: dict, model: MTOP, path: Path) -> list[dict]:
         entry = by_name.get(name)
         if entry is None:
             raise ValueError(f"{path}: metadata.tasks has no entry for the model's task {name!r}")
-        labels, scale = entry.get("labels") or [], entry.get("scale", (0.0, 1.0))
-        if classes > 1 and labels and (len(labels) != classes or not all(isinstance(x, str) for x in labels)):
+        labels, scale = entry.get("labels", []), entry.get("scale", (0.0, 1.0))
+        if classes > 1 and (not isinstance(labels, list) or labels and (
+                len(labels) != classes or not all(isinstance(x, str) for x in labels))):
             raise ValueError(f"{path}: metadata.tasks {name!r}: labels {str(labels)[:80]} must be {classes} "
                              f"strings, one per class of its head")
         numbers = isinstance(scale, (list, tuple)) and len(scale) == 2 and all(
@@ -225,9 +230,7 @@ def predict_corpus(args) -> Path | None:
     if target.is_dir() or not writable(target.parent) or target.exists() and not writable(target):
         raise SystemExit(f"error: --predict-output {target}: cannot write a file there (a folder, or "
                          "read-only); give another path (nothing was written)")
-    if len(columns) > 2:
-        raise SystemExit(f"error: --text-columns names {len(columns)} columns ({', '.join(columns)}); a text "
-                         "is one column, or two for a pair")
+    check_columns(columns)
     with user_errors():
         labeller = Labeller(folder, device, args.dtype)
     if len(columns) < 2 and labeller.pair_tasks:

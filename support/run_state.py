@@ -165,7 +165,7 @@ def save_best(model: MTOP, metadata: dict, model_folder: Path, folder: Path) -> 
     fresh, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
     shutil.rmtree(fresh, ignore_errors=True)
     model.save(fresh, metadata)
-    for name in ("vocab.txt", "tokenizer.json"):
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):  # tokenizing as in training
         if (model_folder / name).exists():
             shutil.copyfile(model_folder / name, fresh / name)
     if folder.exists():
@@ -186,12 +186,12 @@ def data_fingerprint(tasks: list, data: dict) -> dict[str, str]:
     return out
 
 
-def check_state(state, tasks: list[str]) -> None:
+def check_state(state, tasks: list[str], path: Path) -> None:
     """A checkpoint's state against what Run.save writes, before any of it is used: the types, the ranges
     and how the fields agree (one task per step in the history, the learning rates finite and >= 0, each
-    task's stream position). ValueError names the field."""
+    task's stream position). ValueError names the file and the field."""
     def bad(field: str, wanted: str):
-        raise ValueError(f"checkpoint state: {field} {wanted}")
+        raise ValueError(f"{path}: {field} {wanted}")
     if not isinstance(state, dict):
         bad("(the whole)", "is not a JSON object")
     kinds = {"model": dict, "optimizer": dict, "lr_schedule": dict, "sampler": dict, "streams": dict,
@@ -203,9 +203,11 @@ def check_state(state, tasks: list[str]) -> None:
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             bad(key, f"is {str(state[key])[:40]!r}, not of type {kind.__name__}")
     step, history, best = state["step"], state["history"], state["best"]
-    if not 0 <= step == len(history) or any(task not in tasks for task in history):
-        bad("step", f"is {step} with a history of {len(history)} steps; a run has one step of one of its "
-                    f"tasks ({', '.join(tasks)}) per step")
+    if step < 0 or step != len(history):
+        bad("step", f"is {step} with a history of {len(history)} steps; the history holds one task per step")
+    unknown = [task for task in history if task not in tasks]
+    if unknown:
+        bad("history", f"names {unknown[0]!r}, not one of this run's tasks ({', '.join(tasks)})")
     average = best.get("average")
     if isinstance(average, bool) or not isinstance(average, (int, float)) or not average <= 1:
         bad("best.average", f"is {average!r}, not a score (-Infinity before the first evaluation)")
@@ -249,8 +251,6 @@ class Run:
         self.drawn = hashlib.sha256()  # the batches this rank drew (torchrun's agreement check)
 
     def _open(self) -> None:
-        if self.rank == 0:
-            self._clean_up()
         if (self.out / LEGACY_CHECKPOINT).exists():
             raise SystemExit(f"error: {self.out / LEGACY_CHECKPOINT} is a checkpoint of an earlier "
                              "train.py, a pickle file. It is not loaded: unpickling a file can run any code "
@@ -260,12 +260,14 @@ class Run:
                 raise SystemExit(f"error: --resume: no checkpoint at {self.path} (start without --resume)")
             self._restore()
             if self.rank == 0:
+                self._clean_up()  # the folder is this run's: what a killed write left can go
                 JsonlLog(self.out / "log.jsonl", True).truncate(self.step)
             log(f"resumed from {self.path} at step {self.step}", self.rank)
         elif self.path.exists():
             raise SystemExit(f"error: {self.path} exists: continue that run with --resume, or give another "
                              "--output-dir")
         elif self.rank == 0:
+            self._clean_up()
             (self.out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +276,8 @@ class Run:
 
     def _clean_up(self) -> None:
         """What a killed write left in the folder: temporary files of atomic_write (.NAME.*.tmp) are
-        removed; a best/ caught between its two renames (best.old there, best/ not) is put back."""
+        removed; a best/ caught between its two renames (best.old there, best/ not) is put back, and a
+        best.old left after them is removed. Called once the folder is known to be this run's."""
         for stale in self.out.glob(".*.tmp") if self.out.is_dir() else []:
             if stale.name.startswith((f".{CHECKPOINT}.", ".log.jsonl.", ".args.json.")):
                 log(f"removing {stale}, left by a write that was killed", self.rank)
@@ -282,29 +285,36 @@ class Run:
         best, old = self.out / "best", self.out / "best.old"
         if old.is_dir() and not best.exists():
             old.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.out / "best.new", ignore_errors=True)
 
     def _restore(self) -> None:
         """Load the checkpoint into the parts; refuse one written with other settings or other data."""
         try:
             state = load_checkpoint(self.path)
-            check_state(state, list(self.parts["streams"]))
+            if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
+                raise ValueError(f"{self.path}: its state has no flags (args): not written by train.py")
         except ValueError as err:
-            raise SystemExit(f"error: {err}".replace("checkpoint state:", f"{self.path}:")) from None
+            raise SystemExit(f"error: {err}") from None
         changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {v!r}"
                    for k, v in vars(self.args).items()
                    if k not in RUN_ONLY and state["args"].get(k) != v]
-        if state["world"] != self.world:  # the batch per step, the schedule and the data order depend on it
-            changed.append(f"{state['world']} -> {self.world} processes")
+        if state.get("world") != self.world:  # the batch per step, the schedule and the data order hang on it
+            changed.append(f"{state.get('world')} -> {self.world} processes")
+        data = state.get("data") if isinstance(state.get("data"), dict) else {}
         changed += [f"the training data of {name} changed" for name, digest in self.fingerprint.items()
-                    if state.get("data", {}).get(name) != digest]
+                    if data.get(name) != digest]
         if changed:
             raise SystemExit(f"error: --resume: {self.path} was written with other settings: "
                              f"{'; '.join(changed)}. Resume with the same ones, or start a new run in "
                              "another --output-dir.")
         try:
+            check_state(state, list(self.parts["streams"]), self.path)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        try:
             self._load_parts(state)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as err:
             raise SystemExit(f"error: {self.path}: a part of the state does not fit this run ({err}). Delete "
                              "the file to start again, or give another --output-dir") from None
         self.step, self.best, self.history = state["step"], state["best"], state["history"]
@@ -318,9 +328,9 @@ class Run:
         parts["optimizer"].load_state_dict(optimizer_state)
         for param in parts["model"].parameters():  # AdamW's moments must have their parameter's shape
             for name, value in parts["optimizer"].state.get(param, {}).items():
-                if name != "step" and value.shape != param.shape:
-                    raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of "
-                                     f"shape {tuple(param.shape)}")
+                if name != "step" and (not torch.is_tensor(value) or value.shape != param.shape):
+                    raise ValueError(f"optimizer {name} of shape {tuple(getattr(value, 'shape', ()))} for a "
+                                     f"parameter of shape {tuple(param.shape)}")
         parts["lr_schedule"].load_state_dict(state["lr_schedule"])
         parts["sampler"].load_state_dict(state["sampler"])
         for name, stream in state["streams"].items():
