@@ -210,15 +210,8 @@ class Labeller:
         return results
 
 
-def predict_corpus(args) -> Path | None:
-    """--predict: label every row of a corpus with every task, in chunks (constant memory). Under torchrun
-    the chunks are shared out (chunk j to rank j mod K) and rank 0 joins the parts in input order."""
-    check_device(args.device)
-    rank, world, device = setup_distributed(args.device)
-    folder = Path(args.checkpoint or Path(args.output_dir) / "best")
-    source = Path(args.predict)
-    target = Path(args.predict_output or f"{source}.predictions.jsonl")
-    columns = [c for c in args.text_columns.split(",") if c]
+def check_paths(source: Path, target: Path) -> None:
+    """--predict's input must exist and its output be writable, and not the input, before the model loads."""
     if not source.is_file():
         raise SystemExit(f"error: --predict: no such file {source}")
     if target.resolve() == source.resolve():
@@ -230,6 +223,18 @@ def predict_corpus(args) -> Path | None:
     if target.is_dir() or not writable(target.parent) or target.exists() and not writable(target):
         raise SystemExit(f"error: --predict-output {target}: cannot write a file there (a folder, or "
                          "read-only); give another path (nothing was written)")
+
+
+def predict_corpus(args) -> Path | None:
+    """--predict: label every row of a corpus with every task, in chunks (constant memory). Under torchrun
+    the chunks are shared out (chunk j to rank j mod K) and rank 0 joins the parts in input order."""
+    check_device(args.device)
+    rank, world, device = setup_distributed(args.device)
+    folder = Path(args.checkpoint or Path(args.output_dir) / "best")
+    source = Path(args.predict)
+    target = Path(args.predict_output or f"{source}.predictions.jsonl")
+    columns = [c for c in args.text_columns.split(",") if c]
+    check_paths(source, target)
     check_columns(columns)
     with user_errors():
         labeller = Labeller(folder, device, args.dtype)
