@@ -854,7 +854,7 @@ def test_task_scores_and_glue_average_follow_the_leaderboard():
         glue_data.compute_metrics(GLUE["CoLA"], np.array([0.2, 0.9]), np.array([0, 1]))
 
 
-# -- glue_data.py: submission and download -----------------------------------------------------
+# -- glue_data.py: submission; support/glue_download.py: the download ---------------------------------
 
 
 def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path, capsys):
@@ -1258,7 +1258,26 @@ def test_readme_scheduler_snippet_runs():
     assert namespace["sampler"].steps == 900
 
 
-# -- mtop.py: gradient stopping, one pass, the prompt settings, save/load --------------------------
+def readme_block(containing: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"README.md should have one python block with {containing!r}"
+    return found[0]
+
+
+@pytest.mark.parametrize("name", ["dts", "proportional", "uniform", "annealed", "temperature"])
+def test_readme_scheduler_example_runs_as_written(name):
+    """README's scheduler loop runs as written, and with any sampler put in its make_sampler line."""
+    code = readme_block("import scheduler")
+    if name != "dts":
+        code = code.replace('scheduler.make_sampler("dts", sizes, interval=100)',
+                            f'scheduler.make_sampler("{name}", sizes)')
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert json.loads(namespace["saved"]) == namespace["sampler"].state_dict()
+
+
+# -- mtop.py: gradient stopping, one pass, the prompt settings, save/load, inference ---------------
 
 TASKS = [("cola", 2), ("mnli", 3), ("stsb", 1)]  # two classification tasks and one regression
 ONE_PASS_MODES = ["none", "concat", "stopgrad", "mtop"]
@@ -1628,8 +1647,49 @@ def test_unknown_active_task_raises_value_error():
         model.loss(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), "sst2")
 
 
-# -- train.py: end to end, resume, prediction, torchrun -------------------------
+@pytest.mark.parametrize("mode", ["none", "mtop"])
+def test_batched_heads_at_inference_equal_the_per_head_loop(mode):
+    """Labelling (eval, no grad, all tasks) runs the N heads as two batched products: the logits equal
+    each head applied to its own feature, and a changed head is picked up, not served from a stale copy."""
+    tasks = [(f"t{i}", 1 + i % 4) for i in range(12)]
+    model = mtop.MTOP(tiny_encoder(), tasks, mtop.PromptConfig(mode=mode, task_prompt_len=2,
+                                                               shared_prompt_len=3)).eval()
+    ids, mask, types = text_batch()
+    with torch.no_grad():
+        if mode == "none":
+            features = model.encoder(ids, mask, types)[:, :1].expand(-1, len(tasks), -1)
+        else:
+            hidden = model.encoder(ids, mask, types, prefix=model.prompt_pool())
+            features = hidden[:, :len(tasks) * 2].unflatten(1, (len(tasks), 2)).mean(2)
+        for attempt in range(2):
+            logits = model(ids, mask, types)
+            for i, (name, n) in enumerate(tasks):
+                torch.testing.assert_close(logits[name], model.heads[i](features[:, i]), atol=1e-6, rtol=1e-5)
+                assert logits[name].shape == (len(ids), n)
+            model.heads[5].dense.weight.mul_(2.0)  # an in-place change: the next call must see it
 
+
+def test_evaluation_keeps_no_autograd_graph():
+    """Dev evaluation, DTS probes and test predictions (all through predict_encoded) run without
+    autograd: a graph kept for a backward that never comes costs memory and time."""
+    model = tiny_mtop()
+    ids, mask, types = text_batch(B=6)
+    lengths = mask.sum(1).numpy()
+    encoded = glue_data.Encoded(ids=ids[mask.bool()].numpy().astype(np.int32),
+                                type_ids=types[mask.bool()].numpy().astype(np.int8),
+                                offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                                labels=None)
+    outputs = []
+    model.register_forward_hook(lambda module, inputs, output: outputs.extend(output.values()))
+    model(ids, mask, types, active_task="cola")
+    assert outputs and all(o.requires_grad for o in outputs)  # a plain forward records a graph
+    outputs.clear()
+    for task in ("cola", "stsb"):
+        labelling.predict_encoded(model, task, encoded, None, "cpu", "fp32", label=task)
+    assert len(outputs) == 2 and not any(o.requires_grad for o in outputs)
+
+
+# -- train.py: end to end, resume, prediction, torchrun -------------------------
 
 
 @pytest.fixture(scope="session")
@@ -1840,7 +1900,19 @@ def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
     assert ranks["0"][2] != ranks["1"][2]  # but each rank trained on its own batches
 
 
-# -- train.py: run state that must never run code, be lost, or hold a non-finite model -------------------
+def test_a_custom_task_named_like_a_glue_split_trains_and_predicts(tiny_model, token_cache, tmp_path):
+    """A custom task called AX (GLUE's diagnostic set has that name) gets its own AX.tsv, not MNLI's."""
+    task_set = news_task_set(tmp_path)
+    edit_json(task_set, lambda spec: spec["tasks"][0].update(name="AX"))
+    out = tmp_path / "run"
+    train.main(run_args(tiny_model, token_cache, out, "--task-set", str(task_set), "--max-steps", "4",
+                        "--interval", "2", "--batch-size", "2"))
+    with zipfile.ZipFile(out / "submission" / "test_predictions.zip") as z:
+        assert z.namelist() == ["AX.tsv"]
+        assert z.read("AX.tsv").decode().splitlines()[1].split("\t")[1] in ("world", "sports")
+
+
+# -- support/run_state.py through train.py: run state that never runs code, is never lost or non-finite ---
 
 class Payload:
     """Unpickling this object creates a file: proof that code ran."""
@@ -1981,49 +2053,6 @@ def test_limit_heap_growth_keeps_large_tensors_out_of_the_heap(monkeypatch, tiny
     assert calls == [1]
 
 
-def test_evaluation_keeps_no_autograd_graph():
-    """Dev evaluation, DTS probes and test predictions (all through predict_encoded) run without
-    autograd: a graph kept for a backward that never comes costs memory and time."""
-    model = tiny_mtop()
-    ids, mask, types = text_batch(B=6)
-    lengths = mask.sum(1).numpy()
-    encoded = glue_data.Encoded(ids=ids[mask.bool()].numpy().astype(np.int32),
-                                type_ids=types[mask.bool()].numpy().astype(np.int8),
-                                offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                                labels=None)
-    outputs = []
-    model.register_forward_hook(lambda module, inputs, output: outputs.extend(output.values()))
-    model(ids, mask, types, active_task="cola")
-    assert outputs and all(o.requires_grad for o in outputs)  # a plain forward records a graph
-    outputs.clear()
-    for task in ("cola", "stsb"):
-        labelling.predict_encoded(model, task, encoded, None, "cpu", "fp32", label=task)
-    assert len(outputs) == 2 and not any(o.requires_grad for o in outputs)
-
-
-
-@pytest.mark.parametrize("mode", ["none", "mtop"])
-def test_batched_heads_at_inference_equal_the_per_head_loop(mode):
-    """Labelling (eval, no grad, all tasks) runs the N heads as two batched products: the logits equal
-    each head applied to its own feature, and a changed head is picked up, not served from a stale copy."""
-    tasks = [(f"t{i}", 1 + i % 4) for i in range(12)]
-    model = mtop.MTOP(tiny_encoder(), tasks, mtop.PromptConfig(mode=mode, task_prompt_len=2,
-                                                               shared_prompt_len=3)).eval()
-    ids, mask, types = text_batch()
-    with torch.no_grad():
-        if mode == "none":
-            features = model.encoder(ids, mask, types)[:, :1].expand(-1, len(tasks), -1)
-        else:
-            hidden = model.encoder(ids, mask, types, prefix=model.prompt_pool())
-            features = hidden[:, :len(tasks) * 2].unflatten(1, (len(tasks), 2)).mean(2)
-        for attempt in range(2):
-            logits = model(ids, mask, types)
-            for i, (name, n) in enumerate(tasks):
-                torch.testing.assert_close(logits[name], model.heads[i](features[:, i]), atol=1e-6, rtol=1e-5)
-                assert logits[name].shape == (len(ids), n)
-            model.heads[5].dense.weight.mul_(2.0)  # an in-place change: the next call must see it
-
-
 def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, token_cache, tmp_path):
     """torchrun --nproc_per_node=2 train.py --predict: each rank labels its chunks, and the output equals a
     one-process run line for line; --predict-output naming the input is refused, the input unchanged."""
@@ -2055,6 +2084,30 @@ def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, to
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "two.jsonl").read_text() == single.read_text()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no parts left
+
+
+def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(tiny_model, token_cache,
+                                                                                tmp_path,
+                                                                               monkeypatch):
+    """A write that fails for lack of space ends the run with one message that says so; the previous
+    checkpoint is whole and a later --resume continues from it."""
+    out = tmp_path / "run"
+    common = ["--tasks", "RTE", "--max-steps", "6", "--sampler", "uniform", "--no-test", "--save-every", "2"]
+    train.main(run_args(tiny_model, token_cache, out, *common, "--stop-after", "2"))
+    real = run_state.save_file
+
+    def no_space(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_state, "save_file", no_space)
+    with pytest.raises(SystemExit,
+                       match="no space left on the device while writing .*checkpoint.safetensors"):
+        train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))
+    assert run_state.load_checkpoint(out / run_state.CHECKPOINT)["step"] == 2
+    assert not list(out.glob(".checkpoint*"))  # no temporary file left behind
+    monkeypatch.setattr(run_state, "save_file", real)
+    assert train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))["step"] == 6
 
 
 # -- bad input: every broken input gets one message that names it, a non-zero exit, no traceback --------
@@ -2804,24 +2857,7 @@ def test_kill_during_predict_leaves_the_previous_output_whole(tiny_model, traine
     assert died.returncode == 9 and target.read_text() == whole
 
 
-def readme_block(containing: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
-    found = [b for b in blocks if containing in b]
-    assert len(found) == 1, f"README.md should have one python block with {containing!r}"
-    return found[0]
-
-
-@pytest.mark.parametrize("name", ["dts", "proportional", "uniform", "annealed", "temperature"])
-def test_readme_scheduler_example_runs_as_written(name):
-    """README's scheduler loop runs as written, and with any sampler put in its make_sampler line."""
-    code = readme_block("import scheduler")
-    if name != "dts":
-        code = code.replace('scheduler.make_sampler("dts", sizes, interval=100)',
-                            f'scheduler.make_sampler("{name}", sizes)')
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert json.loads(namespace["saved"]) == namespace["sampler"].state_dict()
-
+# -- the project as a whole: README's examples, the layering, the experiment driver ---------------------
 
 def test_readme_labelling_example_runs_as_written(trained_folder, tmp_path, monkeypatch):
     """README's Python labelling example runs as written against a trained runs/mtop/best folder."""
@@ -2863,42 +2899,6 @@ def test_the_six_files_keep_their_layering():
                 imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
         project = {m for m in imported if m in modules or m == "support"}
         assert project <= may, (name, project - may)
-
-
-def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(tiny_model, token_cache,
-                                                                                tmp_path,
-                                                                               monkeypatch):
-    """A write that fails for lack of space ends the run with one message that says so; the previous
-    checkpoint is whole and a later --resume continues from it."""
-    out = tmp_path / "run"
-    common = ["--tasks", "RTE", "--max-steps", "6", "--sampler", "uniform", "--no-test", "--save-every", "2"]
-    train.main(run_args(tiny_model, token_cache, out, *common, "--stop-after", "2"))
-    real = run_state.save_file
-
-    def no_space(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(run_state, "save_file", no_space)
-    with pytest.raises(SystemExit,
-                       match="no space left on the device while writing .*checkpoint.safetensors"):
-        train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))
-    assert run_state.load_checkpoint(out / run_state.CHECKPOINT)["step"] == 2
-    assert not list(out.glob(".checkpoint*"))  # no temporary file left behind
-    monkeypatch.setattr(run_state, "save_file", real)
-    assert train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))["step"] == 6
-
-
-def test_a_custom_task_named_like_a_glue_split_trains_and_predicts(tiny_model, token_cache, tmp_path):
-    """A custom task called AX (GLUE's diagnostic set has that name) gets its own AX.tsv, not MNLI's."""
-    task_set = news_task_set(tmp_path)
-    edit_json(task_set, lambda spec: spec["tasks"][0].update(name="AX"))
-    out = tmp_path / "run"
-    train.main(run_args(tiny_model, token_cache, out, "--task-set", str(task_set), "--max-steps", "4",
-                        "--interval", "2", "--batch-size", "2"))
-    with zipfile.ZipFile(out / "submission" / "test_predictions.zip") as z:
-        assert z.namelist() == ["AX.tsv"]
-        assert z.read("AX.tsv").decode().splitlines()[1].split("\t")[1] in ("world", "sports")
 
 
 def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path, monkeypatch):
