@@ -30,6 +30,7 @@ LABELS = {  # how the runs are named in the tables
     "single": "single-task (one model per task)", "mtdnn": "MT-DNN (`--mode none`)",
     "mtop-plr1e-3": "MTOP, `--prompt-lr 1e-3`", "mtop-plr1e-2": "MTOP, `--prompt-lr 1e-2`",
     "mtop-plr1e-1": "MTOP, `--prompt-lr 1e-1`", "cls": "[CLS] head (`--mode none`)",
+    "L1": "MTOP, L = 1", "L2": "MTOP, L = 2", "L4": "MTOP, L = 4 (the paper's)", "L8": "MTOP, L = 8",
     "prompt-tuning": "prompt tuning (`--mode separate`)", "concat": "concat (Fig. 1b)",
     "stopgrad": "stopgrad (Fig. 1c)",
     "mtop-prop": "MTOP w/o DTS (proportional)", "mtop-dts": "MTOP, DTS, probes on dev",
