@@ -42,7 +42,7 @@ import scheduler
 import train
 from support import checks as support_checks
 from support import files as support_files
-from support import glue_download, labelling, run_state
+from support import glue_download, labelling, run_state, submission
 
 ROOT = Path(__file__).resolve().parent
 # The real GLUE files, for the tests that check them (row counts, quirks, real text): a folder named by
@@ -860,14 +860,14 @@ def test_task_scores_and_glue_average_follow_the_leaderboard():
 def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path, capsys):
     """The zip holds one flat file per predicted test set, in the leaderboard format; the rest are listed."""
     rng = np.random.default_rng(0)
-    keys = [key for key in glue_data.SUBMISSION_FILES if key not in ("QQP/test", "WNLI/test")]
+    keys = [key for key in submission.SUBMISSION_FILES if key not in ("QQP/test", "WNLI/test")]
     predictions = {key: rng.integers(0, GLUE[key.split("/")[0]].num_labels, glue_data.OFFICIAL_ROWS[key])
                    for key in keys}
     predictions["STS-B/test"] = rng.uniform(-1, 6, glue_data.OFFICIAL_ROWS["STS-B/test"])
     trained = glue_data.load_task_set("glue", SMALL_GLUE, ["CoLA", "SST-2", "MRPC", "STS-B", "MNLI", "QNLI",
                                                            "RTE"])
-    zip_path = glue_data.write_submission(trained, predictions, tmp_path)
-    names = [glue_data.SUBMISSION_FILES[key] for key in keys]
+    zip_path = submission.write_submission(trained, predictions, tmp_path)
+    names = [submission.SUBMISSION_FILES[key] for key in keys]
     with zipfile.ZipFile(zip_path) as archive:
         assert archive.namelist() == names
         files = {name: archive.read(name).decode().split("\n") for name in names}
@@ -881,22 +881,23 @@ def test_submission_has_official_names_headers_rows_and_clipped_scores(tmp_path,
     assert {line.split("\t")[1] for line in files["AX.tsv"][1:-1]} == {"contradiction", "entailment",
                                                                        "neutral"}
     assert files["MNLI-m.tsv"][1] == f"0\t{GLUE['MNLI'].labels[predictions['MNLI/test_matched'][0]]}"
-    assert glue_data.left_out_of_submission(predictions) == ["QQP.tsv", "WNLI.tsv"]
+    assert submission.left_out_of_submission(predictions) == ["QQP.tsv", "WNLI.tsv"]
     assert "QQP.tsv, WNLI.tsv" in capsys.readouterr().out
     with pytest.raises(ValueError, match="RTE/test: 5 predictions, the test file has 3000 rows"):
-        glue_data.write_submission(trained, {"RTE/test": np.zeros(5, np.int64)}, tmp_path)
+        submission.write_submission(trained, {"RTE/test": np.zeros(5, np.int64)}, tmp_path)
 
 
 def test_custom_task_predictions_are_written_with_their_label_strings(tmp_path, capsys):
     """A custom task's test predictions go to <task>.tsv in the zip; a split it lacks is an error."""
     topic, sentiment = glue_data.load_task_set(str(news_task_set(tmp_path)), tmp_path)
-    zip_path = glue_data.write_submission([topic, sentiment], {"topic/test": np.array([1])}, tmp_path / "out")
+    zip_path = submission.write_submission([topic, sentiment], {"topic/test": np.array([1])},
+                                           tmp_path / "out")
     with zipfile.ZipFile(zip_path) as archive:
         assert archive.namelist() == ["topic.tsv"]
         assert archive.read("topic.tsv") == b"index\tprediction\n0\tsports\n"
     assert "left out" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="'sentiment/test'.*not a test split of a trained task"):
-        glue_data.write_submission([topic, sentiment], {"sentiment/test": np.array([1])}, tmp_path / "out")
+        submission.write_submission([topic, sentiment], {"sentiment/test": np.array([1])}, tmp_path / "out")
 
 
 @contextlib.contextmanager
@@ -2882,11 +2883,10 @@ def test_the_six_files_keep_their_layering():
                "glue_data": {files}, "mtop": {"electra", files},
                "support.glue_download": {"glue_data", files},
                "support.checks": {"glue_data", "electra", "mtop", "support.glue_download", system},
-               "support.run_state": {"mtop", files, system},
+               "support.run_state": {"mtop", files, system}, "support.submission": {"glue_data", files},
                "support.labelling": {"glue_data", "mtop", "support.checks", system},
                "train": {"electra", "glue_data", "mtop", "scheduler", "support.checks", "support.labelling",
-                         plot,
-                         "support.run_state", system}}
+                         plot, "support.run_state", "support.submission", system}}
     modules = {p.stem for p in ROOT.glob("*.py")} | {f"support.{p.stem}"
                                                      for p in (ROOT / "support").glob("*.py")}
     assert modules - {"support.__init__", "test_mtop"} == set(allowed), "a module is missing from the table"

@@ -39,6 +39,7 @@ from support.checks import check_device, prepare_inputs, user_errors
 from support.labelling import Labeller, predict_corpus, predict_encoded  # noqa: F401
 from support.plot import plot
 from support.run_state import NonFiniteError, Run, data_fingerprint
+from support.submission import write_submission
 from support.system import (autocast, broadcast, limit_heap_growth, log, pad_multiple, release_memory,
                             setup_distributed)
 
@@ -474,7 +475,7 @@ def write_test_predictions(out: Path, tasks: list[glue_data.Task], args) -> None
         predictions["WNLI/test"] = np.full(rows, majority)
         tasks = tasks + [wnli]
     if predictions:
-        path = glue_data.write_submission(tasks, predictions, out / "submission")
+        path = write_submission(tasks, predictions, out / "submission")
         log(f"test predictions: {path}")
 
 
