@@ -33,8 +33,8 @@ import torch
 import glue_data
 import scheduler
 from electra import DEFAULT_CACHE, Electra
-from mtop import MODES, MTOP, PROMPT_ENTRIES, PROMPT_INITS, PromptConfig
-from support.checks import check_device, prepare_inputs, user_errors
+from mtop import MODES, MTOP, PROMPT_ENTRIES, PROMPT_INITS
+from support.checks import check_device, prepare_inputs, prompt_config, user_errors
 # Labeller is re-exported: README's `from train import Labeller`
 from support.labelling import Labeller, predict_corpus, predict_encoded  # noqa: F401
 from support.plot import plot
@@ -301,10 +301,8 @@ def set_up(args, rank: int, world: int, device: str):
     tasks, model_dir, model_folder, tokenizer = prepare_inputs(args, rank, world, device)
     with user_errors():
         data = load_data(args, tasks, tokenizer, rank)
-        prompts = PromptConfig(args.mode, args.task_prompt_len, args.shared_prompt_len, args.prompt_entry,
-                               args.prompt_init)
-        model = MTOP(Electra.from_pretrained(model_dir), [(t.name, t.num_labels) for t in tasks], prompts,
-                     args.freeze_encoder).to(device)
+        model = MTOP(Electra.from_pretrained(model_dir), [(t.name, t.num_labels) for t in tasks],
+                     prompt_config(args), args.freeze_encoder).to(device)
     return tasks, data, model, model_folder
 
 

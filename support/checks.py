@@ -84,6 +84,12 @@ def check_data(tasks: list[glue_data.Task], args) -> None:
                              f"[CLS] and [SEP] take {1 + len(task.text)} of them")
 
 
+def prompt_config(args) -> PromptConfig:
+    """The prompt settings the flags give (--mode, --task-prompt-len, --shared-prompt-len, --prompt-*)."""
+    return PromptConfig(args.mode, args.task_prompt_len, args.shared_prompt_len, args.prompt_entry,
+                        args.prompt_init)
+
+
 def check_model(model_folder: Path, tokenizer, config: ElectraConfig, args, num_tasks: int) -> None:
     """The vocabulary must be the model's own: ids beyond the embedding table would fail deep inside
     torch, and a much smaller vocabulary is a sign of the wrong tokenizer files."""
@@ -95,9 +101,9 @@ def check_model(model_folder: Path, tokenizer, config: ElectraConfig, args, num_
     if args.max_length > config.max_position_embeddings:
         raise ValueError(f"--max-length {args.max_length} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
-    prompts = PromptConfig(args.mode, args.task_prompt_len, args.shared_prompt_len, args.prompt_entry,
-                           args.prompt_init)
-    positions = prompts.prompt_positions(num_tasks) if args.prompt_entry == "input-positions" else 0
+    positions = 0  # prompts take positions only when they enter with them
+    if args.prompt_entry == "input-positions":
+        positions = prompt_config(args).prompt_positions(num_tasks)
     if positions + args.max_length > config.max_position_embeddings:
         limit = config.max_position_embeddings
         raise ValueError(f"--prompt-entry input-positions puts {positions} prompts before the text: with "
