@@ -61,6 +61,10 @@ MODES = ("none", "separate", "concat", "stopgrad", "mtop")
 PROMPT_ENTRIES = ("after-norm", "input", "input-positions")
 # How the prompt vectors start (the paper does not say; initial_prompts; RESULTS.md section 2 compares them).
 PROMPT_INITS = ("vocab", "vocab-pos0", "random")
+# What a task head reads (RESULTS.md section 6 compares them):
+#   "mean"      the mean of the task's L prompt outputs (Eq. 1, the paper)
+#   "mean+cls"  that mean plus the [CLS] output of the same pass (this project's option, beyond the paper)
+POOLINGS = ("mean", "mean+cls")
 WEIGHTS_FILE = "model.safetensors"
 SETTINGS_FILE = "mtop.json"
 
@@ -75,6 +79,7 @@ class PromptConfig:
     shared_prompt_len: S (L' of the paper), shared prompt tokens (stored as 0 in every mode but "mtop")
     prompt_entry:      where prompts join the embedded text (PROMPT_ENTRIES)
     prompt_init:       how prompt vectors start (PROMPT_INITS, initial_prompts)
+    pooling:           what a task head reads (POOLINGS): Eq. (1)'s mean, or the mean plus [CLS]
     Raises ValueError naming the setting and its valid values.
     """
 
@@ -83,6 +88,7 @@ class PromptConfig:
     shared_prompt_len: int = 32
     prompt_entry: str = "after-norm"
     prompt_init: str = "random"
+    pooling: str = "mean"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -91,6 +97,10 @@ class PromptConfig:
             raise ValueError(f"prompt entry {self.prompt_entry!r} / init {self.prompt_init!r}: choose an "
                              f"entry from {', '.join(PROMPT_ENTRIES)} and an init from "
                              f"{', '.join(PROMPT_INITS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        if self.pooling != "mean" and self.mode == "none":
+            raise ValueError(f"pooling {self.pooling!r} needs prompts; mode 'none' reads [CLS] only")
         if self.prompt_init == "vocab-pos0" and self.prompt_entry != "after-norm":
             raise ValueError("prompt init 'vocab-pos0' is defined for prompt entry 'after-norm' only")
         for name in ("task_prompt_len", "shared_prompt_len"):
@@ -115,13 +125,15 @@ class PromptConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "prompt settings") -> PromptConfig:
-        """Read the keys to_dict writes (a folder written before prompt_entry and prompt_init existed used
-        "after-norm" and "vocab-pos0"); a missing or invalid one is a ValueError naming `source`."""
+        """Read the keys to_dict writes (a folder written before prompt_entry, prompt_init and pooling
+        existed used "after-norm", "vocab-pos0" and "mean"); a missing or invalid one is a ValueError
+        naming `source`."""
         try:
             return cls(mode=raw["mode"], task_prompt_len=raw["task_prompt_len"],
                        shared_prompt_len=raw["shared_prompt_len"],
                        prompt_entry=raw.get("prompt_entry", "after-norm"),
-                       prompt_init=raw.get("prompt_init", "vocab-pos0"))
+                       prompt_init=raw.get("prompt_init", "vocab-pos0"),
+                       pooling=raw.get("pooling", "mean"))
         except KeyError as err:
             raise ValueError(f"{source}: missing field {err.args[0]!r}") from None
         except ValueError as err:
@@ -296,13 +308,14 @@ class MTOP(nn.Module):
         """
         names = self.task_names if active_task is None else [self.task_names[self._check_task(active_task)]]
         L = self.task_prompt_len
+        cls = int(self.prompts.pooling == "mean+cls")  # 1: the heads also read [CLS], the first text row
         if self.mode == "separate":  # Fig. 1(a): [P_i ; X] gives a different encoding per task
             logits = {}
             for name in names:
                 i = self.task_index[name]
                 hidden = self.encode(input_ids, attention_mask, token_type_ids, self.task_prompts[i],
-                                     rows=slice(0, L))  # (B, L, D)
-                logits[name] = self.heads[i](hidden.mean(dim=1))  # Eq. (1) with N = 1, Eq. (2)
+                                     rows=slice(0, L + cls))  # (B, L (+1), D)
+                logits[name] = self.heads[i](self._pool(hidden, 1)[:, 0])  # Eq. (1) with N = 1, Eq. (2)
             return logits
         if self.mode == "none":  # MT-DNN: every head reads the [CLS] output
             cls = self.encode(input_ids, attention_mask, token_type_ids, None, rows=slice(0, 1))  # (B, 1, D)
@@ -310,12 +323,21 @@ class MTOP(nn.Module):
         else:
             # the first task whose rows we read
             first = 0 if active_task is None else self.task_index[active_task]
-            hidden = self.encode(input_ids, attention_mask, token_type_ids, self.prompt_pool(active_task),
-                                 rows=slice(first * L, (first + len(names)) * L))  # (B, len(names)*L, D)
-            features = hidden.unflatten(1, (len(names), L)).mean(dim=2)  # Eq. (1): (B, len(names), D)
+            pool = self.prompt_pool(active_task)  # (P, E)
+            end = pool.shape[0] + 1 if cls else (first + len(names)) * L  # [CLS] is row P
+            hidden = self.encode(input_ids, attention_mask, token_type_ids, pool,
+                                 rows=slice(first * L, end))  # (B, len(names)*L (+ ... + 1), D)
+            features = self._pool(hidden, len(names))  # Eq. (1): (B, len(names), D)
         if active_task is None and not self.training and not torch.is_grad_enabled():
             return self.all_heads(features)  # labelling: N heads in two batched products
         return {name: self.heads[self.task_index[name]](features[:, k]) for k, name in enumerate(names)}
+
+    def _pool(self, hidden: torch.Tensor, count: int) -> torch.Tensor:
+        """Eq. (1) for `count` tasks whose L prompt outputs are the first count*L rows of hidden (B, R, D):
+        their means (B, count, D); with pooling "mean+cls", plus the [CLS] output, hidden's last row."""
+        L = self.task_prompt_len
+        features = hidden[:, :count * L].unflatten(1, (count, L)).mean(dim=2)  # (B, count, D)
+        return features + hidden[:, -1:] if self.prompts.pooling == "mean+cls" else features
 
     @torch.no_grad()
     def all_heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1407,6 +1407,36 @@ def test_mtop_predicts_all_tasks_from_one_encoder_pass():
         torch.testing.assert_close(logits[task], expected)
 
 
+@pytest.mark.parametrize("mode", ["separate", "concat", "stopgrad", "mtop"])
+def test_mean_plus_cls_pooling_adds_the_cls_output_of_the_same_pass(mode):
+    """pooling "mean+cls" (this project's option): a_i is Eq. (1)'s mean plus the [CLS] output of the
+    same pass, worked here from the full pass; at inference, for a step's active task, and with gradient
+    stopping intact (other tasks' prompts get None)."""
+    model = tiny_mtop(mode, pooling="mean+cls").eval()
+    ids, mask, types = text_batch()
+    logits = model(ids, mask, types)
+    L = model.task_prompt_len
+    for i, (task, _) in enumerate(TASKS):
+        prefix = model.task_prompts[i] if mode == "separate" else model.prompt_pool()
+        first = 0 if mode == "separate" else i * L
+        with torch.no_grad():  # (B, P + T, D); [CLS] is the text's first token, at row P
+            hidden = model.encoder(ids, mask, types, prefix=prefix)
+        a = hidden[:, first:first + L].sum(dim=1) / L + hidden[:, prefix.shape[0]]
+        head = model.heads[i]
+        expected = gelu_by_hand(a @ head.dense.weight.T + head.dense.bias) @ head.out_proj.weight.T \
+            + head.out_proj.bias
+        torch.testing.assert_close(logits[task], expected)
+        model.zero_grad(set_to_none=True)
+        step = model(ids, mask, types, active_task=task)[task]
+        torch.testing.assert_close(step, expected)
+        model.loss(step, labels_for(task, len(ids)), task).backward()
+        assert model.task_prompts[i].grad.abs().sum() > 0
+        if mode in ("stopgrad", "mtop", "separate"):
+            assert all(p.grad is None for j, p in enumerate(model.task_prompts) if j != i)
+    assert mtop.PromptConfig.from_dict({"mode": "mtop", "task_prompt_len": 4,
+                                        "shared_prompt_len": 32}).pooling == "mean"  # older mtop.json
+
+
 def test_separate_runs_one_encoder_pass_per_task():
     """Prompt tuning (Fig. 1a) needs N passes at inference, and one in training (active task only)."""
     model = tiny_mtop("separate").eval()
@@ -1585,16 +1615,17 @@ def test_freeze_encoder_trains_only_prompts_and_heads():
     assert model.task_prompts[2].grad.abs().sum() > 0 and model.heads[2].dense.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode", mtop.MODES)
-def test_save_load_round_trip_reproduces_logits_exactly(tmp_path, mode):
+@pytest.mark.parametrize("mode, pooling", [(m, "mean") for m in mtop.MODES] + [("mtop", "mean+cls")])
+def test_save_load_round_trip_reproduces_logits_exactly(tmp_path, mode, pooling):
     """A saved model loads (strictly, in eval mode) with its metadata and predicts bitwise the same."""
-    model = tiny_mtop(mode).eval()
+    model = tiny_mtop(mode, pooling=pooling).eval()
     ids, mask, types = text_batch()
     metadata = {"labels": {"cola": ["0", "1"]}, "max_length": 128}
     model.save(tmp_path, metadata=metadata)
     loaded, loaded_metadata = mtop.MTOP.load(tmp_path)
     assert loaded_metadata == metadata and not loaded.training
     assert (loaded.mode, loaded.tasks, loaded.task_prompt_len) == (mode, TASKS, model.task_prompt_len)
+    assert loaded.prompts == model.prompts
     with torch.no_grad():
         before, after = model(ids, mask, types), loaded(ids, mask, types)
     for task, _ in TASKS:
@@ -1631,6 +1662,8 @@ def test_load_of_a_missing_folder_or_settings_file_errors_clearly(tmp_path):
     ({"tasks": [("a", 2), ("b", 2), ("a", 3)]}, "duplicate task names: a"),
     ({"tasks": [("a", 2), ("b", 0)]}, "num_labels must be >= 1"),
     ({"task_prompt_len": 0}, "task_prompt_len >= 1"),
+    ({"pooling": "max"}, "unknown pooling 'max'"),
+    ({"mode": "none", "pooling": "mean+cls"}, "needs prompts"),
 ])
 def test_bad_arguments_raise_clear_value_errors(kwargs, message):
     """Unknown mode, duplicate names, num_labels < 1 and empty prompts are refused when building."""
@@ -1669,6 +1702,24 @@ def test_batched_heads_at_inference_equal_the_per_head_loop(mode):
                 torch.testing.assert_close(logits[name], model.heads[i](features[:, i]), atol=1e-6, rtol=1e-5)
                 assert logits[name].shape == (len(ids), n)
             model.heads[5].dense.weight.mul_(2.0)  # an in-place change: the next call must see it
+
+
+@pytest.mark.parametrize("prompt_lr, head_lr", [(0, 0), (1e-2, 0), (1e-2, 1e-3)])
+def test_optimizer_gives_prompts_and_heads_their_own_learning_rates(prompt_lr, head_lr):
+    """train.make_optimizer: each parameter is in exactly one AdamW group; the prompts at --prompt-lr, no
+    decay; the heads at --head-lr; the rest at --lr; decay on weight matrices only (0 = --lr)."""
+    model = tiny_mtop("mtop")
+    args = train.parse_args(["--lr", "1e-4", "--weight-decay", "0.01", "--prompt-lr", str(prompt_lr),
+                             "--head-lr", str(head_lr)])
+    optimizer, _ = train.make_optimizer(model, args, total_steps=100)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    in_groups = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert len(group_of) == in_groups == len(list(model.parameters()))
+    prompts, heads = {id(p) for p in model.prompt_parameters()}, {id(p) for p in model.heads.parameters()}
+    for name, p in model.named_parameters():
+        lr = (prompt_lr or 1e-4) if id(p) in prompts else (head_lr or 1e-4) if id(p) in heads else 1e-4
+        decay = 0.01 if p.dim() >= 2 and id(p) not in prompts else 0.0
+        assert (group_of[id(p)]["initial_lr"], group_of[id(p)]["weight_decay"]) == (lr, decay), name
 
 
 def test_evaluation_keeps_no_autograd_graph():
@@ -2195,7 +2246,10 @@ BAD_INPUTS = {
                                                                                           "nan"),
         ("--mode", "prefix"), ("--sampler", "greedy"), ("--dtype", "fp16"), ("--prompt-entry", "middle"),
         ("--prompt-init", "zeros"), ("--predict-chunk", "0"), ("--max-train-examples", "-1"), ("--lr",
-                                                                                               "abc")]},
+                                                                                               "abc"),
+        ("--head-lr", "-1"), ("--head-lr", "nan"), ("--pooling", "max")]},
+    "flag --pooling mean+cls without prompts": lambda w: (w["flags"] + ["--mode", "none", "--pooling",
+                                                                         "mean+cls"], "mode 'none'"),
     "flag --max-length too short for a pair": lambda w: (w["flags"] + ["--max-length", "4"],
                                                          "--max-length 4"),
     "flag --max-length beyond the positions": lambda w: (w["flags"] + ["--max-length", "1000"],
@@ -2929,6 +2983,11 @@ def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path,
         ("1", str(tmp_path / "work" / "p" / "a-seed1"))]
     assert all(c[c.index("--data-dir") + 1] == "G" and c[c.index("--model") + 1] == "M" for c in commands)
     assert "2 at a time with 3 threads each" in listed and "c: the runs of other/x" in listed
+    plan["runs"][0]["seeds"] = [1, 5]  # seed 5 is not the plan's: refused, not skipped
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path / "plan.json"), "--glue", "G",
+                              "--model", "M", "--dry-run"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "run 'a' names seeds [5]" in refused.stderr, refused.stderr
     spec = importlib.util.spec_from_file_location("experiments_run", script)
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)

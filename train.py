@@ -33,7 +33,7 @@ import torch
 import glue_data
 import scheduler
 from electra import DEFAULT_CACHE, Electra
-from mtop import MODES, MTOP, PROMPT_ENTRIES, PROMPT_INITS
+from mtop import MODES, MTOP, POOLINGS, PROMPT_ENTRIES, PROMPT_INITS
 from support.checks import check_device, prepare_inputs, prompt_config, user_errors
 # Labeller is re-exported: README's `from train import Labeller`
 from support.labelling import Labeller, predict_corpus, predict_encoded  # noqa: F401
@@ -75,6 +75,8 @@ def add_data_and_model_flags(p: argparse.ArgumentParser) -> None:
                    help="where prompts join the embedded text (mtop.py; RESULTS.md compares them)")
     g.add_argument("--prompt-init", choices=PROMPT_INITS, default="random",
                    help="initial prompt vectors (mtop.py)")
+    g.add_argument("--pooling", choices=POOLINGS, default="mean",
+                   help="what a task head reads: mean = Eq. (1); mean+cls adds [CLS] (ours, mtop.py)")
     g.add_argument("--freeze-encoder", action="store_true", help="train prompts and heads only")
     g = p.add_argument_group("task scheduling")
     g.add_argument("--sampler", choices=scheduler.SAMPLERS, default="dts", help="dts = the paper's bandit")
@@ -97,6 +99,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of AdamW")
     g.add_argument("--prompt-lr", type=float, default=0.0,
                    help="peak learning rate of the prompts (0: --lr, as in the paper)")
+    g.add_argument("--head-lr", type=float, default=0.0,
+                   help="peak learning rate of the task heads (0: --lr, as in the paper)")
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay (not on biases, LayerNorms)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -134,10 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     for flag in ("max_steps", "eval_every", "probe_size", "stop_after", "shared_prompt_len", "weight_decay",
-                 "max_grad_norm", "prompt_lr", "max_train_examples"):
+                 "max_grad_norm", "prompt_lr", "head_lr", "max_train_examples"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
-    for flag in ("lr", "prompt_lr", "warmup", "weight_decay", "max_grad_norm", "gamma", "c", "temperature"):
+    for flag in ("lr", "prompt_lr", "head_lr", "warmup", "weight_decay", "max_grad_norm", "gamma", "c",
+                 "temperature"):
         if not math.isfinite(getattr(args, flag)):  # nan passes every comparison: refuse it here
             p.error(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
     if not args.lr > 0 or not 0 <= args.warmup < 1:
@@ -307,16 +312,22 @@ def set_up(args, rank: int, world: int, device: str):
 
 
 def make_optimizer(model: MTOP, args, total_steps: int):
-    """AdamW with linear warm-up (section 4.1), then linear decay to 0 (ours). Three groups: prompts (their
+    """AdamW with linear warm-up (section 4.1), then linear decay to 0 (ours). Groups: prompts (their
     own learning rate, no decay: they are inputs, and shrinking them would move them off the scale of
-    embedded tokens), weight matrices (decay), biases and LayerNorms (no decay, ELECTRA's recipe)."""
+    embedded tokens), weight matrices (decay), biases and LayerNorms (no decay, ELECTRA's recipe); with
+    --head-lr, the heads' matrices and biases in two more groups at that rate."""
     is_prompt = {id(p) for p in model.prompt_parameters()}
+    is_head = {id(p) for p in model.heads.parameters()} if args.head_lr else set()
     trained = [p for p in model.parameters() if p.requires_grad]
     prompts = [p for p in trained if id(p) in is_prompt]
-    others = [p for p in trained if id(p) not in is_prompt]
+    others = [p for p in trained if id(p) not in is_prompt and id(p) not in is_head]
+    heads = [p for p in trained if id(p) in is_head]
     groups = [{"params": prompts, "weight_decay": 0.0, "lr": args.prompt_lr or args.lr},
               {"params": [p for p in others if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}]
+              {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0},
+              {"params": [p for p in heads if p.dim() >= 2], "weight_decay": args.weight_decay,
+               "lr": args.head_lr},
+              {"params": [p for p in heads if p.dim() < 2], "weight_decay": 0.0, "lr": args.head_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr,
                                   fused=True)  # one kernel for all tensors: ~5x faster on a CPU
     warmup = int(args.warmup * total_steps)

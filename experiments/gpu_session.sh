@@ -14,7 +14,8 @@
 # MTOP_COMMIT names the code's commit (run.py records it in each result; the copy's git may say another).
 # PLAN, PLAN2 (paths from the repository's root), DEVICE and TEXTS, from the environment, change the
 # plans, the device and the texts of the inference cost, to try the script on a CPU first; PLAN2=none runs
-# no second plan and INFERENCE=0 measures no inference cost.
+# no second plan, JOBS2 (default 3) sets its trainings side by side, and INFERENCE=0 measures no inference
+# cost.
 set -uo pipefail
 data=$(realpath "$1") model=$(realpath "$2") out=$(realpath -m "$3") seconds=${4:-480} jobs=${5:-12}
 plan=${PLAN:-experiments/plans/gpu-table.json} plan2=${PLAN2:-experiments/plans/gpu-ablation.json}
@@ -49,7 +50,7 @@ left=$((deadline - $(date +%s) - 20))
 if [ "$left" -lt 10 ]; then echo "no time left to train ($left s)" | tee -a "$out/run.txt"; left=10; fi
 echo "training for at most $left s, $jobs side by side" | tee -a "$out/run.txt"
 [ "$plan2" = none ] || timeout "$left" python3 experiments/run.py "$plan2" --glue "$data" --model "$model" --results /tmp/gpu-results \
-    --work /tmp/gpu-work --jobs 3 --threads 1 > "$out/run2.txt" 2>&1 &
+    --work /tmp/gpu-work --jobs "${JOBS2:-3}" --threads 1 > "$out/run2.txt" 2>&1 &
 second=$!
 timeout "$left" python3 experiments/run.py "$plan" --glue "$data" --model "$model" --results /tmp/gpu-results \
     --work /tmp/gpu-work --jobs "$jobs" --threads 1 2>&1 | tee -a "$out/run.txt"

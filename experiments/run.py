@@ -200,6 +200,10 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     options = parser.parse_args()
     plan = json.loads(Path(options.plan).read_text(encoding="utf-8"))
+    for run in plan["runs"]:  # a seed the plan does not list would be skipped without a word
+        if extra := [seed for seed in run.get("seeds", []) if seed not in plan["seeds"]]:
+            parser.error(f"{options.plan}: run {run['name']!r} names seeds {extra} that the plan's \"seeds\" "
+                         f"{plan['seeds']} do not list; add them there")
     fill = {"glue": options.glue, "model": options.model}
     work, results = Path(options.work), Path(options.results) / plan["name"]
     if options.jobs < 1 or options.threads < 0:

@@ -85,9 +85,10 @@ def check_data(tasks: list[glue_data.Task], args) -> None:
 
 
 def prompt_config(args) -> PromptConfig:
-    """The prompt settings the flags give (--mode, --task-prompt-len, --shared-prompt-len, --prompt-*)."""
+    """The prompt settings the flags give (--mode, --task-prompt-len, --shared-prompt-len, --prompt-*,
+    --pooling)."""
     return PromptConfig(args.mode, args.task_prompt_len, args.shared_prompt_len, args.prompt_entry,
-                        args.prompt_init)
+                        args.prompt_init, args.pooling)
 
 
 def check_model(model_folder: Path, tokenizer, config: ElectraConfig, args, num_tasks: int) -> None:
@@ -155,6 +156,7 @@ def prepare_inputs(args, rank: int, world: int, device: str):
     the model are downloaded where they are missing and can be; bad input ends the run with one message."""
     check_flags(args, device)
     with user_errors():
+        prompt_config(args)  # a setting the mode cannot take (--pooling mean+cls with none) ends here
         names = [n for n in args.tasks.split(",") if n] or None
         tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
         fetch_glue_if_absent(tasks, args, rank, world)
