@@ -13,9 +13,9 @@ always get gradients (Fig. 1d). `mode` picks a prompt setting of Fig. 1, for the
     "mtop"      [P~_S ; P_S ; X]: stopgrad + S shared prompts      Fig. 1(d), the paper   1 pass
 
 Paper map:
-    prompt settings (L, S, mode, entry, init)  -> PromptConfig (mtop.json)
+    prompt and pooling settings                -> PromptConfig (mtop.json)
     input [P~_S ; P_S ; X], gradient stopping  -> MTOP.prompt_pool
-    Eq. (1) task feature a_i                   -> MTOP.forward
+    Eq. (1) task feature a_i                   -> MTOP.forward, MTOP._pool (pooling "mean+cls": ours)
     Eq. (2) Softmax(V_i sigma(W_i a_i + b))    -> TaskHead (logits; the softmax is in MTOP.loss)
     prompt tuning's vocabulary initialisation  -> initial_prompts
 

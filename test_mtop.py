@@ -2731,6 +2731,22 @@ def test_a_checkpoint_state_out_of_range_is_one_message(stopped_run, tmp_path, c
     assert (copy / run_state.CHECKPOINT).read_bytes() == before  # nothing trained, nothing written
 
 
+def test_a_checkpoint_older_than_a_flag_resumes_at_the_flags_old_behaviour(stopped_run, tmp_path):
+    """A checkpoint written before a flag existed (run_state.ADDED_FLAGS: train.py's defaults, which train
+    as the code before them did) resumes with that default and is refused with another value."""
+    assert run_state.ADDED_FLAGS == {k: v for k, v in vars(train.parse_args([])).items()
+                                     if k in run_state.ADDED_FLAGS}
+    run, flags = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    edit_checkpoint(copy / run_state.CHECKPOINT, lambda s: [s["args"].pop(k) for k in run_state.ADDED_FLAGS])
+    argv = [f if f != str(run) else str(copy) for f in flags] + ["--resume", "--no-test"]
+    with pytest.raises(SystemExit, match=re.escape("--pooling 'mean' -> 'mean+cls'")):
+        train.main(argv + ["--pooling", "mean+cls"])
+    train.main(argv)
+    assert json.loads((copy / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
 def test_a_settings_file_of_thousands_of_tasks_gets_a_short_message(trained_folder, tmp_path):
     """mtop.json naming 5,000 tasks its weights do not have: one message that names the first keys and
     how many there are, not every one of them."""

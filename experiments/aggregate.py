@@ -41,11 +41,13 @@ LABELS = {  # how the runs are named in the tables
     "input.vocab": "MTOP, `--prompt-entry input`",
     "input-positions.vocab": "MTOP, `--prompt-entry input-positions`", "after-norm.vocab.S8": "MTOP, S = 8",
     "mtop-s8": "MTOP, S = 8", "mtop-dts-alpha1": "MTOP, DTS with alpha = 1",
+    "mtop-meancls": "MTOP, heads also read [CLS] (`--pooling mean+cls`, ours)",
+    "mtop-hlr1e-3": "MTOP, `--head-lr 1e-3` (ours)",
 }
 
 
 DTS_ONLY = {"interval", "probe_size", "gamma", "c", "reward", "share", "fixed_alpha"}
-PROMPTS_ONLY = {"prompt_entry", "prompt_init", "task_prompt_len", "shared_prompt_len", "prompt_lr"}
+PROMPTS_ONLY = {"prompt_entry", "prompt_init", "task_prompt_len", "shared_prompt_len", "prompt_lr", "pooling"}
 
 
 def same_config(expected: list[str], ran: list[str]) -> bool:
@@ -131,6 +133,7 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
             values[f"{plan}.{name}.{task}.sd"] = f"{100 * mean_sd(scores)[1]:.1f}"
             values[f"{plan}.{name}.{task}.min"] = f"{100 * min(scores):.1f}"
             values[f"{plan}.{name}.{task}.max"] = f"{100 * max(scores):.1f}"
+            values[f"{plan}.{name}.{task}.above5"] = f"{sum(s > 0.05 for s in scores)} of {len(scores)}"
             steps = [r["task_steps"].get(task, 0) for r in results]
             values[f"{plan}.{name}.{task}.steps"] = f"{np.mean(steps):.0f}"
             values[f"{plan}.{name}.{task}.steps.min"] = str(min(steps))

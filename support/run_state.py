@@ -43,6 +43,9 @@ CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never loaded (it could run code)
 # Flags that may differ between a run and its resumption; every other flag shapes the trajectory.
 RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir"}
+# Flags newer than some checkpoints, with the value that trains as the code before them did: a checkpoint
+# without one was written with that value, so --resume compares against it (train.py's defaults).
+ADDED_FLAGS = {"pooling": "mean", "head_lr": 0.0}
 
 
 class NonFiniteError(FloatingPointError):
@@ -296,9 +299,9 @@ class Run:
                 raise ValueError(f"{self.path}: its state has no flags (args): not written by train.py")
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
-        changed = [f"--{k.replace('_', '-')} {state['args'].get(k)!r} -> {v!r}"
-                   for k, v in vars(self.args).items()
-                   if k not in RUN_ONLY and state["args"].get(k) != v]
+        ran = ADDED_FLAGS | state["args"]
+        changed = [f"--{k.replace('_', '-')} {ran.get(k)!r} -> {v!r}" for k, v in vars(self.args).items()
+                   if k not in RUN_ONLY and ran.get(k) != v]
         if state.get("world") != self.world:  # the batch per step, the schedule and the data order hang on it
             changed.append(f"{state.get('world')} -> {self.world} processes")
         data = state.get("data") if isinstance(state.get("data"), dict) else {}
