@@ -241,7 +241,8 @@ class MTOP(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, tasks={len(self.tasks)}, task_prompt_len={self.task_prompt_len}, "
-                f"shared_prompt_len={self.shared_prompt_len}, prompt_entry={self.prompt_entry!r}")
+                f"shared_prompt_len={self.shared_prompt_len}, prompt_entry={self.prompt_entry!r}, "
+                f"prompt_init={self.prompt_init!r}, pooling={self.prompts.pooling!r}")
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         """Every prompt vector block: the N task prompts P_i (L, E) and the shared prompts (S, E)."""
@@ -303,18 +304,19 @@ class MTOP(nn.Module):
         different tasks. active_task=name (the task of a training step, one per step as in the paper,
         or a single task's evaluation): that task's logits only, and in "stopgrad" and "mtop" only its
         prompts get gradients. Either way the last encoder layer computes only the rows the heads
-        read (Eq. 1), which gives the same logits as the full pass. Regression tasks (C = 1) get
-        (B, 1), like the others. "separate" runs one pass per task it returns.
+        read (Eq. 1; with pooling "mean+cls" the rows from the first task's prompts to [CLS], row P),
+        which gives the same logits as the full pass. Regression tasks (C = 1) get (B, 1), like the
+        others. "separate" runs one pass per task it returns.
         """
         names = self.task_names if active_task is None else [self.task_names[self._check_task(active_task)]]
         L = self.task_prompt_len
-        cls = int(self.prompts.pooling == "mean+cls")  # 1: the heads also read [CLS], the first text row
+        reads_cls = int(self.prompts.pooling == "mean+cls")  # 1: heads also read [CLS], the first text row
         if self.mode == "separate":  # Fig. 1(a): [P_i ; X] gives a different encoding per task
             logits = {}
             for name in names:
                 i = self.task_index[name]
                 hidden = self.encode(input_ids, attention_mask, token_type_ids, self.task_prompts[i],
-                                     rows=slice(0, L + cls))  # (B, L (+1), D)
+                                     rows=slice(0, L + reads_cls))  # (B, L + reads_cls, D)
                 logits[name] = self.heads[i](self._pool(hidden, 1)[:, 0])  # Eq. (1) with N = 1, Eq. (2)
             return logits
         if self.mode == "none":  # MT-DNN: every head reads the [CLS] output
@@ -324,9 +326,9 @@ class MTOP(nn.Module):
             # the first task whose rows we read
             first = 0 if active_task is None else self.task_index[active_task]
             pool = self.prompt_pool(active_task)  # (P, E)
-            end = pool.shape[0] + 1 if cls else (first + len(names)) * L  # [CLS] is row P
+            end = pool.shape[0] + 1 if reads_cls else (first + len(names)) * L  # [CLS] is row P
             hidden = self.encode(input_ids, attention_mask, token_type_ids, pool,
-                                 rows=slice(first * L, end))  # (B, len(names)*L (+ ... + 1), D)
+                                 rows=slice(first * L, end))  # (B, end - first*L, D)
             features = self._pool(hidden, len(names))  # Eq. (1): (B, len(names), D)
         if active_task is None and not self.training and not torch.is_grad_enabled():
             return self.all_heads(features)  # labelling: N heads in two batched products

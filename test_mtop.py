@@ -1410,26 +1410,38 @@ def test_mtop_predicts_all_tasks_from_one_encoder_pass():
 @pytest.mark.parametrize("mode", ["separate", "concat", "stopgrad", "mtop"])
 def test_mean_plus_cls_pooling_adds_the_cls_output_of_the_same_pass(mode):
     """pooling "mean+cls" (this project's option): a_i is Eq. (1)'s mean plus the [CLS] output of the
-    same pass, worked here from the full pass; at inference, for a step's active task, and with gradient
-    stopping intact (other tasks' prompts get None)."""
+    same pass, worked here from the full pass: the logits at inference (the batched heads too) and for a
+    step's active task, and every parameter's gradient, so the [CLS] path reaches the encoder; gradient
+    stopping holds (other tasks' prompts get None in stopgrad and mtop)."""
     model = tiny_mtop(mode, pooling="mean+cls").eval()
     ids, mask, types = text_batch()
     logits = model(ids, mask, types)
+    with torch.no_grad():
+        batched = model(ids, mask, types)  # labelling: all_heads
     L = model.task_prompt_len
     for i, (task, _) in enumerate(TASKS):
-        prefix = model.task_prompts[i] if mode == "separate" else model.prompt_pool()
+        # the full pass, every row of every layer; [CLS] is the text's first token, at row P
+        prefix = model.task_prompts[i] if mode == "separate" else model.prompt_pool(task)
         first = 0 if mode == "separate" else i * L
-        with torch.no_grad():  # (B, P + T, D); [CLS] is the text's first token, at row P
-            hidden = model.encoder(ids, mask, types, prefix=prefix)
+        hidden = model.encoder(ids, mask, types, prefix=prefix)  # (B, P + T, D)
         a = hidden[:, first:first + L].sum(dim=1) / L + hidden[:, prefix.shape[0]]
         head = model.heads[i]
         expected = gelu_by_hand(a @ head.dense.weight.T + head.dense.bias) @ head.out_proj.weight.T \
             + head.out_proj.bias
         torch.testing.assert_close(logits[task], expected)
+        torch.testing.assert_close(batched[task], expected, atol=1e-6, rtol=1e-5)
+        model.zero_grad(set_to_none=True)
+        model.loss(expected, labels_for(task, len(ids)), task).backward()
+        reference = {n: p.grad for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         step = model(ids, mask, types, active_task=task)[task]
         torch.testing.assert_close(step, expected)
         model.loss(step, labels_for(task, len(ids)), task).backward()
+        for name, param in model.named_parameters():
+            if reference[name] is None:
+                assert param.grad is None or not param.grad.any(), name
+            else:
+                torch.testing.assert_close(param.grad, reference[name], msg=name)
         assert model.task_prompts[i].grad.abs().sum() > 0
         if mode in ("stopgrad", "mtop", "separate"):
             assert all(p.grad is None for j, p in enumerate(model.task_prompts) if j != i)
@@ -2734,15 +2746,18 @@ def test_a_checkpoint_state_out_of_range_is_one_message(stopped_run, tmp_path, c
 def test_a_checkpoint_older_than_a_flag_resumes_at_the_flags_old_behaviour(stopped_run, tmp_path):
     """A checkpoint written before a flag existed (run_state.ADDED_FLAGS: train.py's defaults, which train
     as the code before them did) resumes with that default and is refused with another value."""
-    assert run_state.ADDED_FLAGS == {k: v for k, v in vars(train.parse_args([])).items()
-                                     if k in run_state.ADDED_FLAGS}
+    added = ["pooling", "head_lr"]  # the flags newer than the checkpoints of earlier versions
+    defaults = vars(train.parse_args([]))
+    assert run_state.ADDED_FLAGS == {k: defaults[k] for k in added}
     run, flags = stopped_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    edit_checkpoint(copy / run_state.CHECKPOINT, lambda s: [s["args"].pop(k) for k in run_state.ADDED_FLAGS])
+    edit_checkpoint(copy / run_state.CHECKPOINT, lambda s: [s["args"].pop(k) for k in added])
     argv = [f if f != str(run) else str(copy) for f in flags] + ["--resume", "--no-test"]
     with pytest.raises(SystemExit, match=re.escape("--pooling 'mean' -> 'mean+cls'")):
         train.main(argv + ["--pooling", "mean+cls"])
+    with pytest.raises(SystemExit, match=re.escape("--head-lr 0.0 -> 0.001")):
+        train.main(argv + ["--head-lr", "1e-3"])
     train.main(argv)
     assert json.loads((copy / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
 

@@ -167,6 +167,8 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
             if len(paired) > 1 and np.std(paired) > 0:  # one seed's runs share the data order: paired t
                 t = np.mean(paired) / (np.std(paired, ddof=1) / np.sqrt(len(paired)))
                 values[f"{plan}.{name}.minus.{other}.paired_t"] = f"{t:.1f}"
+                values[f"{plan}.{name}.minus.{other}.paired"] = f"{100 * np.mean(paired):.1f}"
+                values[f"{plan}.{name}.minus.{other}.paired_df"] = str(len(paired) - 1)
                 ahead = sum(d > 0 for d in paired)
                 values[f"{plan}.{name}.minus.{other}.ahead"] = f"{ahead} of {len(paired)}"
     # The plan's budget from a run trained as one model (a single-task run holds one flag list per task,

@@ -175,6 +175,16 @@ def result_of(plan: dict, run: dict, seed: int, units: list[Unit], seconds: floa
             "machine": machine(gpu=flag_value(units[0].flags, "--device", "cuda") != "cpu")}
 
 
+def unlisted_seeds(plan: dict) -> str:
+    """A run's "seeds" that its plan's "seeds" do not list (they would be skipped without a word), as an
+    error message; "" when there are none."""
+    for run in plan["runs"]:
+        if extra := [seed for seed in run.get("seeds", []) if seed not in plan["seeds"]]:
+            return (f"run {run['name']!r} names seeds {extra} that the plan's \"seeds\" {plan['seeds']} "
+                    "do not list; add them there")
+    return ""
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -200,10 +210,8 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     options = parser.parse_args()
     plan = json.loads(Path(options.plan).read_text(encoding="utf-8"))
-    for run in plan["runs"]:  # a seed the plan does not list would be skipped without a word
-        if extra := [seed for seed in run.get("seeds", []) if seed not in plan["seeds"]]:
-            parser.error(f"{options.plan}: run {run['name']!r} names seeds {extra} that the plan's \"seeds\" "
-                         f"{plan['seeds']} do not list; add them there")
+    if problem := unlisted_seeds(plan):
+        parser.error(f"{options.plan}: {problem}")
     fill = {"glue": options.glue, "model": options.model}
     work, results = Path(options.work), Path(options.results) / plan["name"]
     if options.jobs < 1 or options.threads < 0:
