@@ -1716,6 +1716,14 @@ def test_batched_heads_at_inference_equal_the_per_head_loop(mode):
             model.heads[5].dense.weight.mul_(2.0)  # an in-place change: the next call must see it
 
 
+def test_a_prompt_setting_the_mode_cannot_take_stops_before_any_file_is_read(tmp_path, monkeypatch):
+    """--pooling mean+cls with --mode none (no prompts) ends the run before the task set is read."""
+    monkeypatch.setattr(glue_data, "load_task_set", lambda *a, **k: pytest.fail("the task set was read"))
+    with pytest.raises(SystemExit, match="pooling 'mean\\+cls' needs prompts"):
+        train.main(["--mode", "none", "--pooling", "mean+cls", "--device", "cpu",
+                    "--output-dir", str(tmp_path / "run")])
+
+
 @pytest.mark.parametrize("prompt_lr, head_lr", [(0, 0), (1e-2, 0), (1e-2, 1e-3)])
 def test_optimizer_gives_prompts_and_heads_their_own_learning_rates(prompt_lr, head_lr):
     """train.make_optimizer: each parameter is in exactly one AdamW group; the prompts at --prompt-lr, no
