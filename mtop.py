@@ -15,7 +15,7 @@ always get gradients (Fig. 1d). `mode` picks a prompt setting of Fig. 1, for the
 Paper map:
     prompt and pooling settings                -> PromptConfig (mtop.json)
     input [P~_S ; P_S ; X], gradient stopping  -> MTOP.prompt_pool
-    Eq. (1) task feature a_i                   -> MTOP.forward, MTOP._pool (pooling "mean+cls": ours)
+    Eq. (1) task feature a_i                   -> MTOP.features (pooling "mean+cls": ours)
     Eq. (2) Softmax(V_i sigma(W_i a_i + b))    -> TaskHead (logits; the softmax is in MTOP.loss)
     prompt tuning's vocabulary initialisation  -> initial_prompts
 
@@ -298,41 +298,44 @@ class MTOP(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 active_task: str | None = None) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, token_type_ids: (B, T) -> {task name: logits (B, C)}.
+        """input_ids, attention_mask, token_type_ids: (B, T) -> {task name: logits (B, C)}: Eq. (2) on
+        `features`.
 
         active_task=None (inference): every task's logits, so a batch may mix documents meant for
         different tasks. active_task=name (the task of a training step, one per step as in the paper,
         or a single task's evaluation): that task's logits only, and in "stopgrad" and "mtop" only its
-        prompts get gradients. Either way the last encoder layer computes only the rows the heads
-        read (Eq. 1; with pooling "mean+cls" the rows from the first task's prompts to [CLS], row P),
-        which gives the same logits as the full pass. Regression tasks (C = 1) get (B, 1), like the
-        others. "separate" runs one pass per task it returns.
+        prompts get gradients. Regression tasks (C = 1) get (B, 1), like the others.
+        """
+        names = self.task_names if active_task is None else [self.task_names[self._check_task(active_task)]]
+        features = self.features(input_ids, attention_mask, token_type_ids, active_task)
+        if active_task is None and not self.training and not torch.is_grad_enabled():
+            return self.all_heads(features)  # labelling: N heads in two batched products
+        return {name: self.heads[self.task_index[name]](features[:, k]) for k, name in enumerate(names)}
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None, active_task: str | None = None) -> torch.Tensor:
+        """What the heads read, a_i of Eq. (1): (B, N, D) for every task, or (B, 1, D) for active_task
+        (gradients as in forward). The last encoder layer computes only the rows read (the task's prompts;
+        with pooling "mean+cls" the rows from the first task's prompts to [CLS], row P), which gives the
+        same features as the full pass. "separate" runs one pass per task.
         """
         names = self.task_names if active_task is None else [self.task_names[self._check_task(active_task)]]
         L = self.task_prompt_len
         reads_cls = int(self.prompts.pooling == "mean+cls")  # 1: heads also read [CLS], the first text row
         if self.mode == "separate":  # Fig. 1(a): [P_i ; X] gives a different encoding per task
-            logits = {}
-            for name in names:
-                i = self.task_index[name]
-                hidden = self.encode(input_ids, attention_mask, token_type_ids, self.task_prompts[i],
-                                     rows=slice(0, L + reads_cls))  # (B, L + reads_cls, D)
-                logits[name] = self.heads[i](self._pool(hidden, 1)[:, 0])  # Eq. (1) with N = 1, Eq. (2)
-            return logits
+            return torch.cat([self._pool(self.encode(input_ids, attention_mask, token_type_ids,
+                                                     self.task_prompts[self.task_index[name]],
+                                                     rows=slice(0, L + reads_cls)), 1)  # Eq. (1), N = 1
+                              for name in names], dim=1)  # (B, len(names), D)
         if self.mode == "none":  # MT-DNN: every head reads the [CLS] output
             cls = self.encode(input_ids, attention_mask, token_type_ids, None, rows=slice(0, 1))  # (B, 1, D)
-            features = cls.expand(-1, len(names), -1)  # (B, len(names), D)
-        else:
-            # the first task whose rows we read
-            first = 0 if active_task is None else self.task_index[active_task]
-            pool = self.prompt_pool(active_task)  # (P, E)
-            end = pool.shape[0] + 1 if reads_cls else (first + len(names)) * L  # [CLS] is row P
-            hidden = self.encode(input_ids, attention_mask, token_type_ids, pool,
-                                 rows=slice(first * L, end))  # (B, end - first*L, D)
-            features = self._pool(hidden, len(names))  # Eq. (1): (B, len(names), D)
-        if active_task is None and not self.training and not torch.is_grad_enabled():
-            return self.all_heads(features)  # labelling: N heads in two batched products
-        return {name: self.heads[self.task_index[name]](features[:, k]) for k, name in enumerate(names)}
+            return cls.expand(-1, len(names), -1)  # (B, len(names), D)
+        first = 0 if active_task is None else self.task_index[active_task]  # the first task read
+        pool = self.prompt_pool(active_task)  # (P, E)
+        end = pool.shape[0] + 1 if reads_cls else (first + len(names)) * L  # [CLS] is row P
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, pool,
+                             rows=slice(first * L, end))  # (B, end - first*L, D)
+        return self._pool(hidden, len(names))  # Eq. (1): (B, len(names), D)
 
     def _pool(self, hidden: torch.Tensor, count: int) -> torch.Tensor:
         """Eq. (1) for `count` tasks whose L prompt outputs are the first count*L rows of hidden (B, R, D):

@@ -122,12 +122,7 @@ def features_of(model, task, encoded, rows) -> dict[str, torch.Tensor]:
         inputs = glue_data.collate(encoded, rows[batch])
         ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
         alone = model.encode(ids, mask, types, None, rows=slice(0, 1))[:, 0]  # (b, D)
-        pool = model.prompt_pool()
-        if pool is None:
-            feature = alone
-        else:
-            i, L = model.task_index[task.name], model.task_prompt_len
-            feature = model.encode(ids, mask, types, pool, rows=slice(i * L, (i + 1) * L)).mean(1)  # Eq. (1)
+        feature = model.features(ids, mask, types, active_task=task.name)[:, 0]  # Eq. (1): (b, D)
         order = torch.as_tensor(batch)
         pooled.append((order, feature))
         cls.append((order, alone))
