@@ -72,6 +72,10 @@ class Task:
     short_rows_ok: bool = False          # QQP: rows with too few columns are a known defect: skip and count
     no_header: tuple[str, ...] = ()      # column names of train/dev files that have no header row (CoLA)
     labels_from: str = "GLUE's fixed list"  # where `labels` came from, for the run's first lines
+    # A task made from a multi-label column (names joined by `separator`): its label is "1" when the row
+    # lists `member`, else "0". Both "" for a plain label column.
+    member: str = ""
+    separator: str = ""
 
     @property
     def num_labels(self) -> int:
@@ -171,27 +175,94 @@ def load_task_set(task_set: str, data_dir: str | Path, names: list[str] | None =
 
 _JSON_KEYS = ("name", "train", "dev", "test", "text", "label", "type", "labels", "metric", "missing")
 _JSON_REQUIRED = ("name", "train", "dev", "text", "label", "type")
+# Two forms that stand for many tasks on one file (README, "Your own tasks"), with the keys of a task
+# but "name" and "label": "label_columns" (one task per column) and "multi_label" (one binary task per
+# label name of a column that lists names joined by "separator").
+_FORM_KEYS = {"label_columns": ("label_columns", "prefix", "train", "dev", "test", "text", "type", "labels",
+                                "metric", "missing"),
+              "multi_label": ("multi_label", "separator", "prefix", "train", "dev", "test", "text", "type",
+                              "labels", "metric", "missing")}
+_FORM_REQUIRED = {"label_columns": ("label_columns", "train", "dev", "text", "type"),
+                  "multi_label": ("multi_label", "separator", "train", "dev", "text")}
 
 
 def _tasks_from_json(path: Path) -> list[Task]:
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a valid JSON file ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"{path}: not a valid JSON file ({str(error)[:200]})") from None
     if not isinstance(spec, dict) or list(spec) != ["tasks"] or not isinstance(spec["tasks"], list) \
             or not spec["tasks"]:
         raise ValueError(f'{path}: expected {{"tasks": [{{"name": ..., "train": ..., ...}}, ...]}}')
-    tasks = [_task_from_json(entry, number, path) for number, entry in enumerate(spec["tasks"], 1)]
+    tasks = [task for number, entry in enumerate(spec["tasks"], 1)
+             for task in _entry_tasks(entry, number, path)]
     names = [_key(task.name) for task in tasks]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: task names must be unique, got {', '.join(t.name for t in tasks)}")
+        twice = sorted({t.name for t in tasks if names.count(_key(t.name)) > 1})
+        raise ValueError(f"{path}: task names must be unique (case and '-' aside), but {twice[:10]} "
+                         "name more than one task; give a \"prefix\" to a form, or rename")
     return tasks
 
 
-def _task_from_json(entry: object, number: int, path: Path) -> Task:
+def _entry_tasks(entry: object, number: int, path: Path) -> list[Task]:
+    """One entry of a task set: a task, or a form that stands for many (_FORM_KEYS)."""
     if not isinstance(entry, dict):
         raise ValueError(f"{path}: task #{number} must be a JSON object")
-    where = f"{path}: task {entry.get('name', f'#{number}')!r}"
+    form = [key for key in _FORM_KEYS if key in entry]
+    if not form:
+        return [_task_from_json(entry, number, path)]
+    where = f"{path}: entry #{number} ({form[0]})"
+    unknown = [key for key in entry if key not in _FORM_KEYS[form[0]]]
+    absent = [key for key in _FORM_REQUIRED[form[0]] if key not in entry]
+    if unknown or absent:
+        problem = f"unknown key {unknown}" if unknown else f"missing field {absent}"
+        raise ValueError(f"{where}: {problem}; this form's keys are {', '.join(_FORM_KEYS[form[0]])} "
+                         f"(required: {', '.join(_FORM_REQUIRED[form[0]])})")
+    prefix = entry.get("prefix", "")
+    if not isinstance(prefix, str):
+        raise ValueError(f"{where}: 'prefix' must be a string, got {prefix!r}")
+    common = {k: v for k, v in entry.items()
+              if k not in ("label_columns", "multi_label", "separator", "prefix")}
+    if form[0] == "label_columns":
+        columns = entry["label_columns"]
+        if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns) \
+                or len(set(columns)) != len(columns):
+            raise ValueError(f"{where}: 'label_columns' must be a list of different column names, got "
+                             f"{str(columns)[:200]}")
+        return [_task_from_json(common | {"name": prefix + column, "label": column}, number, path)
+                for column in columns]
+    column, separator = entry["multi_label"], entry["separator"]
+    if not isinstance(column, str) or not isinstance(separator, str) or not separator:
+        raise ValueError(f"{where}: 'multi_label' must name a column and 'separator' be a non-empty string "
+                         f"(what joins the names in a cell, e.g. \";\"), got {column!r} and {separator!r}")
+    if entry.get("type", "classification") != "classification":
+        raise ValueError(f"{where}: a multi-label column makes binary classification tasks; leave out 'type'")
+    base = common | {"name": "-", "label": column, "type": "classification", "labels": ["0", "1"],
+                     "metric": entry.get("metric", "f1")}
+    if "labels" in entry:  # the names to make tasks of, as given
+        names = entry["labels"]
+        if not isinstance(names, list) or len(set(map(str, names))) != len(names) \
+                or not all(isinstance(n, str) and n.strip() == n != "" for n in names):
+            raise ValueError(f"{where}: 'labels' must list different label names (no surrounding space), got "
+                             f"{str(names)[:200]}")
+    else:  # every name in the train file's column, sorted
+        values = _train_labels(_task_from_json(base, number, path))
+        missing = set(entry.get("missing", []))
+        names = sorted(set().union(*(split_names(v, separator) for v in values if v not in missing)))
+    if not names or len(names) > 10_000:
+        raise ValueError(f"{where}: column {column!r} lists {len(names)} label names; 1 to 10000 make tasks")
+    source = f"column {column!r}: '1' when it lists the name, names separated by {separator!r}"
+    return [replace(_task_from_json(base | {"name": prefix + name}, number, path, f"{where}, name {name!r}"),
+                    member=name, separator=separator, labels_from=source) for name in names]
+
+
+def split_names(value: str, separator: str) -> set[str]:
+    """The label names of a multi-label cell: 'earn; acq' with separator ';' -> {'earn', 'acq'}."""
+    return {name.strip() for name in value.split(separator)} - {""}
+
+
+def _task_from_json(entry: dict, number: int, path: Path, where: str = "") -> Task:
+    where = where or f"{path}: task {entry.get('name', f'#{number}')!r}"
     unknown = [key for key in entry if key not in _JSON_KEYS]
     absent = [key for key in _JSON_REQUIRED if key not in entry]
     if unknown or absent:
@@ -288,11 +359,15 @@ def _train_labels(task: Task) -> list[str]:
 
 @dataclass
 class Examples:
-    """The examples of one split, in file order."""
+    """The rows of one split, in file order: the text of every row, and the task's label of every row.
+    A row whose label is in task.missing keeps its text (other tasks may read the same file) but is left
+    out of this task: `labelled` lists the rows that count."""
     text_a: list[str]
     text_b: list[str] | None       # None for single-sentence tasks
-    labels: np.ndarray | None      # (n,) int64 label indices or float32 targets; None for test splits
-    skipped: int                   # rows left out: known defects (QQP, MNLI '-') or missing labels
+    labels: np.ndarray | None      # (n,) int64 label indices (-1: no label) or float32 targets (nan: no
+    #                                label); None for test splits
+    labelled: np.ndarray           # (k,) int64, ascending: the rows this task trains and scores on
+    skipped: int                   # rows left out of this task: known defects (QQP, MNLI '-'), no label
     path: Path
     note: str = ""                 # one line saying what was skipped, for the log; "" when nothing was
 
@@ -402,7 +477,7 @@ def column_indices(header: list[str], columns: tuple[str, ...], path: Path) -> l
 
 
 def load_split(task: Task, split: str, data_dir: str | Path) -> Examples:
-    """The examples of one split. Test splits come without labels. Known defects are skipped and counted;
+    """The rows of one split. Test splits come without labels. Known defects are skipped and counted;
     any other malformed row raises an error that names the file and the line."""
     path = task.path(split, data_dir)
     if not path.is_file():
@@ -412,7 +487,8 @@ def load_split(task: Task, split: str, data_dir: str | Path) -> Examples:
     has_labels = task.label is not None and not is_test
     columns = column_indices(header, task.text + ((task.label,) if has_labels else ()), path)
     label_index = {label: index for index, label in enumerate(task.labels or ())}
-    text_a, text_b, labels, short, unlabelled = [], [], [], [], []
+    no_label = -1 if task.kind == "classification" else float("nan")
+    text_a, text_b, labels, labelled, short, unlabelled = [], [], [], [], [], []
     for line, fields in rows:
         if len(fields) != len(header):
             if task.short_rows_ok and len(fields) < len(header):
@@ -424,8 +500,10 @@ def load_split(task: Task, split: str, data_dir: str | Path) -> Examples:
             value = fields[columns[-1]].strip()
             if value in task.missing:
                 unlabelled.append(line)
-                continue
-            labels.append(_parse_label(task, value, label_index, f"{path}, line {line}"))
+                labels.append(no_label)
+            else:
+                labelled.append(len(text_a))
+                labels.append(_parse_label(task, value, label_index, f"{path}, line {line}"))
         text_a.append(fields[columns[0]])
         if len(task.text) == 2:
             text_b.append(fields[columns[1]])
@@ -435,11 +513,15 @@ def load_split(task: Task, split: str, data_dir: str | Path) -> Examples:
                      f"{', ...' if len(lines) > 5 else ''})" for lines, why in reasons if lines)
     dtype = np.float32 if task.kind == "regression" else np.int64
     return Examples(text_a, text_b if len(task.text) == 2 else None,
-                    np.array(labels, dtype=dtype) if has_labels else None, len(short) + len(unlabelled),
-                    path, f"{task.name} {split}: {note} in {path}" if note else "")
+                    np.array(labels, dtype=dtype) if has_labels else None,
+                    np.array(labelled, dtype=np.int64) if has_labels else np.arange(len(text_a)),
+                    len(short) + len(unlabelled), path,
+                    f"{task.name} {split}: {note} in {path}" if note else "")
 
 
 def _parse_label(task: Task, value: str, label_index: dict[str, int], where: str) -> int | float:
+    if task.separator:  # a multi-label column: does this row list the task's name?
+        value = "1" if task.member in split_names(value, task.separator) else "0"
     if task.kind == "classification":
         if value not in label_index:
             raise ValueError(f"{where}: label {value!r} is not one of {list(task.labels)} (task {task.name})")
@@ -529,8 +611,12 @@ class Encoded:
     ids: np.ndarray             # (M,) int32
     type_ids: np.ndarray        # (M,) int8: 0 for [CLS] A [SEP], 1 for B [SEP]
     offsets: np.ndarray         # (n + 1,) int64
-    labels: np.ndarray | None   # (n,) int64 or float32; None for test splits and prediction corpora
+    labels: np.ndarray | None   # (n,) int64 or float32 (Examples.labels); None for test splits and corpora
     note: str = ""              # what load_split skipped (Examples.note)
+    labelled: np.ndarray | None = None  # (k,) the rows with a label (Examples.labelled); None: every row
+    # Which texts these are (load_encoded): tasks whose Encoded has the same non-empty key read the same
+    # texts, share these token arrays, and can be predicted from one encoder pass (support.labelling).
+    texts: str = ""
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -563,43 +649,66 @@ def _set_truncation(tokenizer: Tokenizer, max_length: int) -> None:
     tokenizer.enable_truncation(max_length, strategy="longest_first")
 
 
-_CACHE_VERSION = "glue_data-cache-1"  # bump when the cached arrays change meaning
+_CACHE_VERSION = "glue_data-cache-2"  # bump when the cached arrays change meaning
 
 
 def load_encoded(task: Task, split: str, data_dir: str | Path, tokenizer: Tokenizer, max_length: int = 128,
-                 cache_dir: str | Path | None = None) -> Encoded:
-    """load_split + encode, with labels. With a cache_dir, the result is kept as an .npz file whose name
-    holds a hash of everything that shapes it: the file's bytes, the tokenizer, max_length, the task's
-    columns and labels, the split. A changed file or tokenizer gets a new entry; old ones are not read."""
+                 cache_dir: str | Path | None = None, shared: dict | None = None) -> Encoded:
+    """load_split + encode, with labels. Tasks whose split reads the same file with the same text
+    columns (and max_length) read the same texts: pass one `shared` dict to every call and they get the
+    same token arrays, tokenized once, with the same Encoded.texts key. With a cache_dir, the tokens and
+    each task's labels are kept as .npz files whose names hash everything that shapes them (the file's
+    bytes, the tokenizer, max_length, the columns, the labels, the split): a changed file or tokenizer
+    gets new entries; old ones are not read."""
     path = task.path(split, data_dir)
     if not path.is_file():
         raise FileNotFoundError(_missing_message(task, split, path))
-    if cache_dir is not None:
-        _set_truncation(tokenizer, max_length)  # so that the tokenizer's JSON is the same on every call
-        spec = (task.text, task.label, task.labels, task.kind, task.missing, task.short_rows_ok,
-                task.no_header)
-        key = hashlib.sha256()
-        for part in (_CACHE_VERSION, hashlib.sha256(path.read_bytes()).hexdigest(), tokenizer.to_str(),
-                     str(max_length), repr(spec), split):
-            key.update(part.encode() + b"\0")
-        cache_file = Path(cache_dir) / f"{task.name}-{split}-{key.hexdigest()[:24]}.npz"
-        if cache_file.is_file():
-            with np.load(cache_file) as arrays:
-                return Encoded(arrays["ids"], arrays["type_ids"], arrays["offsets"],
-                               arrays["labels"] if "labels" in arrays.files else None, str(arrays["note"]))
-    examples = load_split(task, split, data_dir)
-    encoded = encode(tokenizer, examples.text_a, examples.text_b, max_length)
-    encoded.labels, encoded.note = examples.labels, examples.note
-    if cache_dir is not None:
-        arrays = {"ids": encoded.ids, "type_ids": encoded.type_ids, "offsets": encoded.offsets,
-                  "note": np.array(encoded.note)}
-        if encoded.labels is not None:
-            arrays["labels"] = encoded.labels
-        def write_npz(tmp: Path) -> None:
-            with open(tmp, "wb") as file:  # a file object: np.savez would add ".npz" to a name
-                np.savez(file, **arrays)
-        atomic_write(cache_file, write_npz)
-    return encoded
+    _set_truncation(tokenizer, max_length)  # so that the tokenizer's JSON is the same on every call
+    is_test = split.startswith("test")
+    source = (task.text, () if is_test else task.no_header, task.short_rows_ok)  # what picks the texts
+    texts = _digest(_CACHE_VERSION, hashlib.sha256(path.read_bytes()).hexdigest(), tokenizer.to_str(),
+                    str(max_length), repr(source))
+    labels_key = _digest(texts, repr((task.label, task.labels, task.kind, task.missing, task.member,
+                                      task.separator)), "test" if is_test else "labelled")
+    shared = {} if shared is None else shared
+    cache = Path(cache_dir) if cache_dir is not None else None
+    tokens = shared.get(texts) or _read_npz(cache and cache / f"tokens-{texts[:24]}.npz")
+    labels = _read_npz(cache and cache / f"{task.name}-{split}-{labels_key[:24]}.npz")
+    if tokens is None or labels is None:
+        examples = load_split(task, split, data_dir)
+        if tokens is None:
+            encoded = encode(tokenizer, examples.text_a, examples.text_b, max_length)
+            tokens = {"ids": encoded.ids, "type_ids": encoded.type_ids, "offsets": encoded.offsets}
+            _write_npz(cache and cache / f"tokens-{texts[:24]}.npz", tokens)
+        labels = {"labelled": examples.labelled, "note": np.array(examples.note)}
+        if examples.labels is not None:
+            labels["labels"] = examples.labels
+        _write_npz(cache and cache / f"{task.name}-{split}-{labels_key[:24]}.npz", labels)
+    shared[texts] = tokens
+    return Encoded(tokens["ids"], tokens["type_ids"], tokens["offsets"], labels.get("labels"),
+                   str(labels["note"]), labels["labelled"], texts)
+
+
+def _digest(*parts: str) -> str:
+    key = hashlib.sha256()
+    for part in parts:
+        key.update(part.encode() + b"\0")
+    return key.hexdigest()
+
+
+def _read_npz(path: Path | None) -> dict[str, np.ndarray] | None:
+    if not path or not path.is_file():
+        return None
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+def _write_npz(path: Path | None, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as file:  # a file object: np.savez would add ".npz" to a name
+            np.savez(file, **arrays)
+    if path:
+        atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import types
 import warnings
 import zipfile
 from collections import Counter
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ import scheduler
 import train
 from support import checks as support_checks
 from support import files as support_files
+from support import corpus as support_corpus
 from support import glue_download, labelling, run_state, submission
 
 ROOT = Path(__file__).resolve().parent
@@ -489,7 +491,7 @@ def mnli_row(index: int, premise: str, hypothesis: str, *labels: str) -> list[st
 
 def test_mnli_reader_uses_fixed_label_order_and_skips_dash_labels(tmp_path):
     """MNLI in its real column layout: labels map to (contradiction, entailment, neutral); '-' rows are
-    counted."""
+    counted and left out of the labelled rows."""
     write_tsv(tmp_path / "MNLI/train.tsv", [MNLI_COLUMNS + ["label1", "gold_label"],
                                          mnli_row(0, '" Quoted start', "b", "neutral", "entailment"),
                                          mnli_row(1, "c", "d", "neutral", "neutral"),
@@ -508,7 +510,8 @@ def test_mnli_reader_uses_fixed_label_order_and_skips_dash_labels(tmp_path):
     train = glue_data.load_split(task, "train", tmp_path)
     assert train.labels.tolist() == [1, 2, 0] and train.text_a[0] == '" Quoted start' and train.skipped == 0
     dev = glue_data.load_split(task, "dev_matched", tmp_path)
-    assert dev.labels.tolist() == [2, 1] and dev.text_a == ["a", "e"] and dev.skipped == 1
+    assert dev.labels[dev.labelled].tolist() == [2, 1] and dev.labelled.tolist() == [0, 2]
+    assert dev.labels[1] == -1 and dev.text_a == ["a", "c", "e"] and dev.skipped == 1
     assert "skipped 1" in dev.note and "lines 3" in dev.note
     test = glue_data.load_split(task, "test_matched", tmp_path)
     assert test.labels is None and test.text_b == ["b", "d"]
@@ -562,7 +565,8 @@ def test_readme_task_set_example_loads_as_documented(tmp_path):
     topic, tone = glue_data.load_task_set(str(tmp_path / "tasks.json"), tmp_path)
     assert (topic.kind, topic.labels, tone.kind, tone.metrics) == ("classification", ("world", "sports"),
                                                                    "regression", ("pearson",))
-    assert len(glue_data.load_split(topic, "train", tmp_path)) == 2  # the NULL row is left out of topic only
+    train = glue_data.load_split(topic, "train", tmp_path)
+    assert train.labelled.tolist() == [0, 1] and len(train) == 3  # the NULL row is left out of topic only
     assert glue_data.load_split(tone, "train", tmp_path).labels.tolist() == [0.5, 1.5, 2.0]
 
 
@@ -585,9 +589,10 @@ def test_custom_task_missing_labels_leave_out_rows_of_that_task_only(tmp_path):
     """Rows whose label is in `missing` are dropped (and counted) for that task, kept for the other."""
     topic, sentiment = glue_data.load_task_set(str(news_task_set(tmp_path)), tmp_path)
     kept = glue_data.load_split(sentiment, "dev", tmp_path)
-    assert kept.text_a == ["A late goal.", "Talks fail.", "Record fee."] and kept.labels.tolist() == [1, 0, 1]
-    assert kept.skipped == 2 and "NULL" in kept.note
-    assert len(glue_data.load_split(topic, "dev", tmp_path)) == 5
+    assert [kept.text_a[i] for i in kept.labelled] == ["A late goal.", "Talks fail.", "Record fee."]
+    assert kept.labels[kept.labelled].tolist() == [1, 0, 1] and kept.labels[[2, 3]].tolist() == [-1, -1]
+    assert kept.skipped == 2 and "NULL" in kept.note and len(kept) == 5
+    assert glue_data.load_split(topic, "dev", tmp_path).labelled.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_custom_csv_task_reads_quoted_commas(tmp_path):
@@ -618,6 +623,141 @@ def test_task_set_json_errors_name_the_task_and_the_problem(tmp_path, change, ex
     with pytest.raises(ValueError) as error:
         glue_data.load_task_set(str(tmp_path / "set.json"), tmp_path)
     assert "set.json: task 'topic'" in str(error.value) and expected in str(error.value)
+
+
+# -- glue_data.py: many label sets on one file ----------------------------------------------------
+
+TOPICS = ("sport", "politics", "money", "weather")
+
+
+def write_many_label_files(root: Path, rows: tuple[int, int, int] = (64, 24, 16), seed: int = 0) -> Path:
+    """A corpus with many label sets on one text: columns text, id, one 0/1 column per topic, a 'topics'
+    column listing the same topics joined by ';' (empty: none), a 'tone' score and a 'lang' label that is
+    missing ('?') on some rows. Writes train.tsv, dev.tsv, test.tsv (no label columns) under root."""
+    import random as stdlib_random
+    rng = stdlib_random.Random(seed)
+    header = ["text", "id", *TOPICS, "topics", "tone", "lang"]
+    for split, n in zip(("train", "dev", "test"), rows):
+        lines = [header if split != "test" else ["id", "text"]]
+        for i in range(n):
+            text, ident = random_sentence(rng, 3 + i % 9), f"{split}-{i}"
+            chosen = [t for t in TOPICS if rng.random() < 0.35]
+            if split == "test":
+                lines.append([ident, text])
+                continue
+            lines.append([text, ident, *("1" if t in chosen else "0" for t in TOPICS), " ; ".join(chosen),
+                          f"{rng.uniform(0, 5):.2f}", "?" if i % 5 == 3 else rng.choice(("en", "fr"))])
+        write_tsv(root / f"{split}.tsv", lines)
+    return root
+
+
+def many_label_set(root: Path, form: str = "columns") -> Path:
+    """A task set on write_many_label_files: the topics as "label_columns" ("columns"), as a "multi_label"
+    column ("multi") or as one entry each ("entries"), with the regression and the missing-label task."""
+    write_many_label_files(root)
+    files = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv", "text": "text"}
+    if form == "entries":
+        topics = [{"name": t, "label": t, **files, "type": "classification", "labels": ["0", "1"],
+                   "metric": "f1"} for t in TOPICS]
+    elif form == "columns":
+        topics = [{"label_columns": list(TOPICS), **files, "type": "classification", "labels": ["0", "1"],
+                   "metric": "f1"}]
+    else:
+        topics = [{"multi_label": "topics", "separator": ";", **files, "labels": list(TOPICS)}]
+    spec = {"tasks": topics + [{"name": "tone", "label": "tone", **files, "type": "regression"},
+                               {"name": "lang", "label": "lang", **files, "type": "classification",
+                                "missing": ["?"]}]}
+    (root / "tasks.json").write_text(json.dumps(spec))
+    return root / "tasks.json"
+
+
+@pytest.mark.parametrize("form", ["columns", "multi"])
+def test_a_form_for_many_label_sets_gives_the_tasks_of_one_entry_each(tmp_path, form):
+    """"label_columns" and "multi_label" stand for one task per column or per name: the same names, files,
+    metric and labels per row as an entry for each, the labels counted by hand from the file."""
+    entries = glue_data.load_task_set(str(many_label_set(tmp_path / "a", "entries")), ".")
+    tasks = glue_data.load_task_set(str(many_label_set(tmp_path / "b", form)), ".")
+    assert [t.name for t in tasks] == [*TOPICS, "tone", "lang"] == [t.name for t in entries]
+    header, *rows = [line.split("\t") for line in (tmp_path / "b/train.tsv").read_text().splitlines()]
+    for task, entry in zip(tasks[:4], entries):
+        assert (task.labels, task.metrics, task.kind) == (("0", "1"), ("f1",), "classification")
+        assert [Path(f).name for _, f in task.files] == [Path(f).name for _, f in entry.files]
+        topic_listed = [task.name in [n.strip() for n in row[header.index("topics")].split(";")]
+                        for row in rows]
+        by_hand = [int(row[header.index(task.name)]) for row in rows]
+        assert by_hand == [int(x) for x in topic_listed]  # the two columns of the file agree
+        assert glue_data.load_split(task, "train", ".").labels.tolist() == by_hand
+    assert "column 'topics'" in " ".join(glue_data.describe_labels(tasks[0])) or form == "columns"
+
+
+def test_a_multi_label_column_makes_a_task_per_name_in_train_unless_labels_chooses(tmp_path):
+    """Without "labels" every name of the train column is a task, sorted; "prefix" goes before each name;
+    an empty cell is a row with no name (all 0), not a missing label."""
+    write_many_label_files(tmp_path)
+    files = {"train": "train.tsv", "dev": "dev.tsv", "text": "text"}
+    spec = {"tasks": [{"multi_label": "topics", "separator": ";", "prefix": "topic-", **files}]}
+    (tmp_path / "t.json").write_text(json.dumps(spec))
+    tasks = glue_data.load_task_set(str(tmp_path / "t.json"), ".")
+    assert [t.name for t in tasks] == [f"topic-{n}" for n in sorted(TOPICS)]
+    header, *rows = [line.split("\t") for line in (tmp_path / "train.tsv").read_text().splitlines()]
+    empty = [i for i, row in enumerate(rows) if row[header.index("topics")] == ""]
+    assert empty  # the file has rows with no topic: they count, as 0 for every task
+    for task in tasks:
+        examples = glue_data.load_split(task, "train", ".")
+        assert len(examples.labelled) == len(rows) and not examples.labels[empty].any()
+    assert glue_data.split_names(" a;b ;; a", ";") == {"a", "b"}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"separator": ""}, "'separator' be a non-empty string"),
+    ({"type": "regression"}, "leave out 'type'"),
+    ({"labels": ["sport", "sport"]}, "must list different label names"),
+    ({"labels": ["a/b"]}, "that can name a file"),
+    ({"name": "x"}, "unknown key ['name']"),
+    ({"label_columns": ["sport"]}, "unknown key"),
+])
+def test_a_bad_many_label_form_is_one_message_naming_the_entry(tmp_path, change, expected):
+    """A form with a wrong or missing key is refused when the task set loads, naming the entry."""
+    write_many_label_files(tmp_path)
+    entry = {"multi_label": "topics", "separator": ";", "train": "train.tsv", "dev": "dev.tsv",
+             "text": "text"}
+    (tmp_path / "t.json").write_text(json.dumps({"tasks": [entry | change]}))
+    with pytest.raises(ValueError, match="entry #1") as error:
+        glue_data.load_task_set(str(tmp_path / "t.json"), ".")
+    assert expected in str(error.value)
+    spec = {"tasks": [{"label_columns": ["sport", "money"], "train": "train.tsv", "dev": "dev.tsv",
+                       "text": "text", "type": "classification"},
+                      {"name": "Sport", "label": "sport", "train": "train.tsv", "dev": "dev.tsv",
+                       "text": "text", "type": "classification"}]}
+    (tmp_path / "t.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="name more than one task.*prefix"):
+        glue_data.load_task_set(str(tmp_path / "t.json"), ".")
+
+
+def test_tasks_on_one_file_are_tokenized_once_and_share_their_tokens(tmp_path, monkeypatch, minilm_tokenizer):
+    """load_encoded with one `shared` dict: tasks that read the same texts get the same token arrays (one
+    tokenization, one Encoded.texts key), each with its own labels; rows with a missing label keep their
+    text and are left out of `labelled`; another text column is another key."""
+    tasks = {t.name: t for t in glue_data.load_task_set(str(many_label_set(tmp_path)), ".")}
+    calls = []
+    real_encode = glue_data.encode
+    monkeypatch.setattr(glue_data, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    shared = {}
+    loaded = {name: glue_data.load_encoded(task, "dev", ".", minilm_tokenizer, 32, None, shared)
+              for name, task in tasks.items()}
+    assert len(calls) == 1 and len({e.texts for e in loaded.values()}) == 1
+    assert all(e.ids is loaded["sport"].ids for e in loaded.values())
+    alone = glue_data.load_encoded(tasks["lang"], "dev", ".", minilm_tokenizer, 32)  # no sharing: the same
+    for name in ("ids", "type_ids", "offsets", "labels", "labelled", "texts"):
+        assert np.array_equal(getattr(alone, name), getattr(loaded["lang"], name))
+    header, *rows = [line.split("\t") for line in (tmp_path / "dev.tsv").read_text().splitlines()]
+    lang = [row[header.index("lang")] for row in rows]
+    assert loaded["lang"].labelled.tolist() == [i for i, value in enumerate(lang) if value != "?"]
+    assert loaded["sport"].labelled.tolist() == list(range(len(rows)))
+    np.testing.assert_allclose(loaded["tone"].labels, [float(row[header.index("tone")]) for row in rows])
+    other = glue_data.load_encoded(dataclasses_replace(tasks["sport"], text=("id",)), "dev", ".",
+                                   minilm_tokenizer, 32, None, shared)
+    assert other.texts != loaded["sport"].texts and len(calls) == 3  # alone and other tokenized again
 
 
 # -- glue_data.py: bad input -------------------------------------------------------------------
@@ -720,7 +860,9 @@ def test_cache_is_hit_on_second_call_and_missed_when_the_file_changes(tmp_path, 
         assert np.array_equal(getattr(first, name), getattr(second, name))
     rows = len(glue_data.load_split(GLUE["RTE"], "dev", tmp_path))
     assert second.ids.dtype == np.int32 and second.labels.dtype == np.int64 and len(second) == rows
-    assert [p.suffix for p in cache.iterdir()] == [".npz"]  # written atomically: no .part left
+    # the tokens and the task's labels, written atomically: no .part left
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["RTE", "tokens"]
+    assert all(p.suffix == ".npz" for p in cache.iterdir())
     text = (tmp_path / "RTE/dev.tsv").read_text(encoding="utf-8")
     write_tsv(tmp_path / "RTE/dev.tsv", text.rsplit("\n", 2)[0] + "\n")  # drop the last row
     for max_length in (128, 64):
@@ -1762,6 +1904,46 @@ def test_evaluation_keeps_no_autograd_graph():
     assert len(outputs) == 2 and not any(o.requires_grad for o in outputs)
 
 
+def random_encoded(n: int, seed: int = 0, texts: str = "") -> glue_data.Encoded:
+    """n random texts of 3 to 12 tokens ([CLS]-like id 2 first), as one Encoded with the texts key given."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 13, n)
+    ids = rng.integers(4, 64, lengths.sum()).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids[offsets[:-1]] = 2
+    return glue_data.Encoded(ids, np.zeros_like(ids, dtype=np.int8), offsets, None, texts=texts)
+
+
+@pytest.mark.parametrize("mode", [*ONE_PASS_MODES, "separate"])
+def test_tasks_on_shared_texts_are_predicted_from_one_pass_equal_to_their_own(mode):
+    """predict_tasks: requests on one set of texts (one Encoded.texts key) take one encoder pass per batch
+    over the union of their rows, and give each task what its own pass gives (predict_encoded): bitwise
+    for a task that reads every row of the union; a task that reads some of them is batched with other
+    rows (other padding), which may move a regression value by a float rounding. A request on other
+    texts gets its own pass; "separate" passes per task."""
+    torch.manual_seed(3)
+    model = tiny_mtop(mode, tasks=TASKS + [("topic", 4), ("score", 1)]).eval()
+    for p in model.parameters():  # well away from 0, so that classes are not near-ties
+        p.data.mul_(3.0)
+    shared, other = random_encoded(150, texts="corpus"), random_encoded(40, seed=1, texts="elsewhere")
+    everything, some = np.arange(150), np.arange(0, 150, 3)
+    requests = [("cola", shared, everything), ("stsb", shared, everything), ("topic", shared, some),
+                ("score", shared, some[5:]), ("mnli", other, np.arange(40))]
+    scales = {name: (1.5, 2.0) for name, _ in TASKS + [("topic", 4), ("score", 1)]}
+    passes = count_encoder_passes(model)
+    found = labelling.predict_tasks(model, requests, "cpu", "fp32", scales, batch_size=32)
+    batches = -(-150 // 32) + -(-40 // 32)  # the union of the shared rows is all 150; other: 40 rows
+    each_own = sum(-(-len(rows) // 32) for _, _, rows in requests)  # "separate": each request on its own
+    assert len(passes) == (batches if mode != "separate" else each_own)
+    for (task, encoded, rows), predictions in zip(requests, found):
+        alone = labelling.predict_encoded(model, task, encoded, rows, "cpu", "fp32", scales[task], 32)
+        assert predictions.dtype == alone.dtype and predictions.shape == alone.shape == rows.shape
+        if len(rows) == len(encoded) or model.num_labels[task] > 1:
+            assert np.array_equal(predictions, alone)
+        else:
+            np.testing.assert_allclose(predictions, alone, rtol=2e-7, atol=0)
+
+
 # -- train.py: end to end, resume, prediction, torchrun -------------------------
 
 
@@ -1883,6 +2065,38 @@ def test_custom_task_set_trains_and_predicts_its_test_file(tiny_model, token_cac
     assert [t["labels"] for t in metadata["tasks"]] == [["world", "sports"], ["negative", "positive"]]
 
 
+@pytest.mark.parametrize("mode", ["mtop", "none"])
+def test_evaluation_probes_and_test_files_of_tasks_on_one_file_take_one_pass(tiny_model, token_cache,
+                                                                             tmp_path, monkeypatch, mode):
+    """Six tasks on one set of files (a missing label on some rows of one): the dev evaluation and the
+    probes encode each dev text once (one pass per batch for all six), and give the scores that each
+    task's own passes give (predict_encoded per task); the test predictions too, one pass for all."""
+    task_set = many_label_set(tmp_path)
+    args = train.parse_args(run_args(tiny_model, token_cache, tmp_path / "run", "--task-set", str(task_set),
+                                     "--mode", mode, "--no-test", "--probe-size", "10"))
+    train.start_process(args)
+    tasks, data, model, _ = train.set_up(args, 0, 1, "cpu")
+    passes = count_encoder_passes(model)
+    grouped, probed = train.evaluate(model, tasks, data, args), train.probe(model, tasks, data, args)
+    assert len(passes) == 1 + 1  # 24 dev rows: one batch of 64 each time, for all six tasks
+
+    def each_own(model, requests, device, dtype, scales, **kwargs):
+        return [labelling.predict_encoded(model, task, encoded, rows, device, dtype, scales[task])
+                for task, encoded, rows in requests]
+    monkeypatch.setattr(train, "predict_tasks", each_own)
+    passes.clear()
+    alone, probed_alone = train.evaluate(model, tasks, data, args), train.probe(model, tasks, data, args)
+    assert len(passes) == 2 * len(tasks)
+    assert grouped == alone and probed == probed_alone  # bitwise: see predict_tasks
+    assert len(data["lang"]["dev"]["dev"].labelled) < len(data["sport"]["dev"]["dev"].labelled)
+    monkeypatch.undo()
+    train.main(run_args(tiny_model, token_cache, tmp_path / "run", "--task-set", str(task_set), "--mode",
+                        mode, "--max-steps", "2", "--sampler", "uniform"))
+    with zipfile.ZipFile(tmp_path / "run" / "submission" / "test_predictions.zip") as z:
+        assert sorted(z.namelist()) == sorted(f"{t.name}.tsv" for t in tasks)
+        assert all(len(z.read(name).decode().splitlines()) == 1 + 16 for name in z.namelist())
+
+
 def test_heldout_probe_rows_are_left_out_of_training(tiny_model, token_cache):
     """--probe-on heldout probes on a seeded slice of train that training never sees (section 4.6)."""
     args = train.parse_args(run_args(tiny_model, token_cache, "unused", "--probe-on", "heldout",
@@ -1917,18 +2131,42 @@ def test_missing_glue_files_stop_before_training(tiny_model, token_cache, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_predict_corpus_gives_every_task_from_one_pass(tiny_model, token_cache, tmp_path):
-    """--predict labels every row with every task, equal to each task's own predictions."""
+def test_predict_corpus_labels_each_row_with_its_id_scores_and_the_tasks_chosen(tiny_model, token_cache,
+                                                                              tmp_path, capsys):
+    """--predict: one line per row, in input order, with its 0-based row, its --id-column value and the
+    label of every task that reads single texts, equal to each task's own predictions; --probabilities
+    adds each class's probability (the softmax of the task's own logits, to 6 places); --predict-tasks
+    chooses tasks; STS-B, a pair task, is left out of a one-text corpus and named once."""
     out = tmp_path / "run"
     train.main(run_args(tiny_model, token_cache, out, "--tasks", "SST-2,CoLA,STS-B", "--max-steps", "10",
                         "--interval", "5", "--no-test"))
     sentences = glue_data.load_split(glue_data.GLUE_TASKS["SST-2"], "dev", SMALL_GLUE).text_a
-    sentences = (sentences * 200)[:3000]
+    sentences = [s.strip() for s in (sentences * 200)[:3000]]
     corpus = tmp_path / "corpus.tsv"
-    corpus.write_text("text\n" + "\n".join(s.strip() for s in sentences) + "\n")
-    written = train.main(["--predict", str(corpus), "--checkpoint", str(out / "best")])
+    corpus.write_text("id\ttext\n" + "".join(f"doc-{i}\t{s}\n" for i, s in enumerate(sentences)))
+    capsys.readouterr()
+    predict = ["--predict", str(corpus), "--checkpoint", str(out / "best"), "--text-columns", "text"]
+    written = train.main(predict + ["--id-column", "id", "--probabilities"])
+    assert capsys.readouterr().out.count("left out: STS-B (they read sentence pairs") == 1
     rows = [json.loads(line) for line in open(written)]
-    assert len(rows) == 3000 and [r["line"] for r in rows] == list(range(2, 3002))
+    assert [r["row"] for r in rows] == list(range(3000)) and [r["id"] for r in rows[:2]] == ["doc-0", "doc-1"]
+    assert all(list(r) == ["row", "id", "labels", "probabilities"] for r in rows)
+    model, metadata = mtop.MTOP.load(out / "best")
+    encoded = glue_data.encode(glue_data.load_tokenizer(out / "best"), sentences, None, 128)
+    for task in metadata["tasks"][:2]:  # SST-2 and CoLA
+        name, labels = task["name"], task["labels"]
+        expected = labelling.predict_encoded(model, name, encoded, None, "cpu", "fp32", task["scale"])
+        assert [r["labels"][name] for r in rows] == [labels[i] for i in expected]
+        own = np.zeros((3000, 2))
+        for positions, logits in labelling.forward_batches(model, encoded, np.arange(3000), "cpu", "fp32",
+                                                           active_task=name):
+            own[positions] = torch.softmax(logits[name].double(), -1).numpy()
+        found = np.array([[r["probabilities"][name][label] for label in labels] for r in rows])
+        np.testing.assert_allclose(found, own, atol=6e-7, rtol=0)
+    assert all("STS-B" not in r["labels"] for r in rows)
+    chosen = train.main(predict + ["--predict-tasks", "CoLA", "--predict-output", str(tmp_path / "c.jsonl")])
+    cola = [{"CoLA": r["labels"]["CoLA"]} for r in rows]
+    assert [json.loads(line)["labels"] for line in open(chosen)] == cola
     bad_inputs = {"empty.tsv": "", "broken.jsonl": '{"text": "fine"}\n{"text": \n',
                   "nocolumn.tsv": "title\nA\n"}
     for name, content in bad_inputs.items():
@@ -1939,17 +2177,28 @@ def test_predict_corpus_gives_every_task_from_one_pass(tiny_model, token_cache, 
         with pytest.raises(SystemExit, match=message):
             train.main(["--predict", str(tmp_path / name), "--checkpoint", str(out / "best"),
                         "--text-columns", "text"])
-    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written is left behind
+    for extra, message in ((["--predict-tasks", "STS-B"], "'STS-B' reads sentence pairs"),
+                           (["--predict-tasks", "nope"], "no task 'nope'"),
+                           (["--id-column", "nope"], "no column 'nope'.*--id-column")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(predict + extra + ["--predict-output", str(tmp_path / "never.jsonl")])
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "never.jsonl").exists()
     assert [p.name for p in tmp_path.glob("*.predictions.jsonl")] == ["corpus.tsv.predictions.jsonl"]
-    model, metadata = mtop.MTOP.load(out / "best")
-    encoded = glue_data.encode(glue_data.load_tokenizer(out / "best"), [s.strip() for s in sentences], None,
-                               128)
-    for task in metadata["tasks"]:
-        expected = labelling.predict_encoded(model, task["name"], encoded, None, "cpu", "fp32", task["scale"])
-        if task["kind"] == "regression":
-            np.testing.assert_allclose([r[task["name"]] for r in rows], expected, atol=1e-4)
-        else:
-            assert [r[task["name"]] for r in rows] == [task["labels"][i] for i in expected]
+
+
+def test_a_shard_of_the_batches_gives_what_one_process_gives_for_its_rows(trained_folder):
+    """Labeller.label_encoded with shard (r, K): the K shards' rows are disjoint, cover the input, and each
+    row's result is bitwise the one-process result; a 100-row input (two batches) gives both of two
+    processes work."""
+    labeller = train.Labeller(trained_folder)
+    texts = [f"sentence {i} " + "word " * (i % 23) for i in range(100)]
+    encoded = labeller.encode(texts, texts)
+    whole = labeller.label_encoded(encoded, ["nli", "sim"], probabilities=True)
+    for world in (2, 3):
+        shards = [labeller.label_encoded(encoded, ["nli", "sim"], True, (r, world)) for r in range(world)]
+        assert sorted(k for shard in shards for k in shard) == list(range(100))
+        assert sum(bool(shard) for shard in shards) == 2  # 100 rows are two batches of 64
+        assert {k: v for shard in shards for k, v in shard.items()} == whole
 
 
 def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
@@ -2187,7 +2436,8 @@ def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(
 
 def make_world(root: Path, tiny_model: Path) -> dict:
     """A small valid run: a custom task set (a pair task and a regression task on one file, with a test
-    file), a copy of the tiny model folder, and the flags that train on them."""
+    file, and a single-text task on it), a copy of the tiny model folder, and the flags that train on
+    them."""
     rows = [["premise", "hypothesis", "label", "score"]] + [
         [f"sentence {i} about cats", f"claim {i} on dogs", ["yes", "no"][i % 2],
          f"{i % 5}.5"] for i in range(12)]
@@ -2198,7 +2448,9 @@ def make_world(root: Path, tiny_model: Path) -> dict:
         {"name": "nli", "train": "data/train.tsv", "dev": "data/dev.tsv", "test": "data/test.tsv",
          "text": ["premise", "hypothesis"], "label": "label", "type": "classification"},
         {"name": "sim", "train": "data/train.tsv", "dev": "data/dev.tsv", "text": ["premise", "hypothesis"],
-         "label": "score", "type": "regression"}]}
+         "label": "score", "type": "regression"},
+        {"name": "kind", "train": "data/train.tsv", "dev": "data/dev.tsv", "text": "premise",
+         "label": "label", "type": "classification"}]}
     (root / "tasks.json").write_text(json.dumps(spec))
     shutil.copytree(tiny_model, root / "model")
     flags = ["--task-set", str(root / "tasks.json"), "--model", str(root / "model"), "--output-dir",
@@ -2370,7 +2622,7 @@ BAD_INPUTS = {
                                                         extra=("--predict-output",
                                                                str(w["root"] / "no/out.jsonl")))(w),
     "predict corpus not UTF-8": predict_case(b"text\n\xff\xfe\n", "not UTF-8"),
-    "predict corpus empty": predict_case("", "{path}: empty"),
+    "predict corpus empty": predict_case("", "{path}: the file is empty"),
     "predict corpus column absent": predict_case("title\nA\n", "{path}:1: no column 'text'",
                                                  extra=("--text-columns", "text")),
     "predict corpus row too long": predict_case("text\nA\tB\n", "{path}:2: 2 columns"),
@@ -2387,7 +2639,7 @@ BAD_INPUTS = {
     "flag --device of no kind": bad_flag("--device", "tpu9"),
     "flag --device cuda:7 of a CPU build": bad_flag("--device", "cuda:7"),
     "flag input-positions past the positions": lambda w: (
-        w["flags"] + ["--prompt-entry", "input-positions", "--max-length", "512"], "puts 40 prompts"),
+        w["flags"] + ["--prompt-entry", "input-positions", "--max-length", "512"], "puts 44 prompts"),
     "flag heldout probes of a tiny task": lambda w: (
         write_tsv(w["root"] / "data/train.tsv", [["premise", "hypothesis", "label", "score"]] + [
             [f"p {i}", f"h {i}", ["yes", "no"][i % 2], "1.5"] for i in range(8)])
@@ -2559,19 +2811,19 @@ def test_task_set_loader_gives_tasks_or_a_clear_error(tasks, raw):
     lambda rows: "\n".join("\t".join(r) for r in [["text"]] + rows).encode())),
        suffix=st.sampled_from([".tsv", ".jsonl"]), columns=st.sampled_from([[], ["text"], ["text", "b"]]))
 def test_corpus_reader_gives_rows_or_a_clear_error(content, suffix, columns):
-    """read_corpus on any bytes yields (line, text, text or None) with strings, or stops with one 'error:'
-    message naming the corpus: never another exception."""
+    """read_corpus on any bytes yields (row, id, text, text or None) with rows 0, 1, ... and strings, or
+    stops with one 'error:' message naming the corpus: never another exception."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"corpus{suffix}"
         path.write_bytes(content)
         try:
-            rows = list(labelling.read_corpus(path, columns))
+            rows = list(support_corpus.read_corpus(path, columns))
         except SystemExit as stop:
             assert str(stop.code).startswith("error:") and "corpus" in str(stop.code)
             return
-        for number, text_a, text_b in rows:
-            assert isinstance(number, int) and isinstance(text_a,
-                                                          str) and (text_b is None or isinstance(text_b, str))
+        assert [row for row, _, _, _ in rows] == list(range(len(rows)))
+        for _, ident, text_a, text_b in rows:
+            assert ident is None and isinstance(text_a, str) and (text_b is None or isinstance(text_b, str))
 
 
 # -- inputs never silently misread: what a task definition means is stated or refused ------------------
@@ -2644,12 +2896,12 @@ def test_vocab_tokenizer_follows_the_folders_casing_like_transformers(tmp_path, 
 def test_a_head_that_predicts_one_class_is_flagged(monkeypatch, tiny_model, token_cache, tmp_path, capsys):
     """Every dev row given one class: the evaluation line warns and log.jsonl records the task and its label,
     whatever its score."""
-    real = train.predict_encoded
+    real = train.predict_tasks
 
-    def one_class(model, task, *args, **kwargs):
-        out = real(model, task, *args, **kwargs)
-        return np.zeros_like(out) if task == "RTE" else out
-    monkeypatch.setattr(train, "predict_encoded", one_class)
+    def one_class(model, requests, *args, **kwargs):
+        out = real(model, requests, *args, **kwargs)
+        return [np.zeros_like(o) if task == "RTE" else o for (task, _, _), o in zip(requests, out)]
+    monkeypatch.setattr(train, "predict_tasks", one_class)
     out = tmp_path / "run"
     train.main(run_args(tiny_model, token_cache, out, "--tasks", "RTE,STS-B", "--max-steps", "2", "--no-test",
                         "--sampler", "uniform"))
@@ -2686,9 +2938,8 @@ def test_a_corpus_that_trains_also_labels(trained_folder, tmp_path, name, body):
     corpus.write_text(body, encoding="utf-8")
     train.main(["--predict", str(corpus), "--checkpoint", str(trained_folder)])
     rows = [json.loads(line) for line in open(f"{corpus}.predictions.jsonl")]
-    expected = [1, 2] if name.endswith(".jsonl") else [2, 3]
-    assert [r["line"] for r in rows] == expected
-    assert all(set(r) == {"line", "nli", "sim"} for r in rows)
+    assert [r["row"] for r in rows] == [0, 1]
+    assert all(set(r) == {"row", "labels"} and set(r["labels"]) == {"kind"} for r in rows)
 
 
 @pytest.mark.parametrize("texts, message", [
@@ -2700,6 +2951,46 @@ def test_a_corpus_that_trains_also_labels(trained_folder, tmp_path, name, body):
 def test_labeller_names_the_item_that_is_not_a_string(trained_folder, texts, message):
     with pytest.raises(ValueError, match=message):
         train.Labeller(trained_folder)(texts)
+
+
+def test_labeller_labels_each_input_with_the_tasks_that_read_it(trained_folder, tmp_path):
+    """Texts alone get the single-text tasks, pairs the pair tasks; the others are named once in a warning;
+    `tasks` chooses, and a chosen task that cannot read the input, or an unknown one, is a ValueError;
+    probabilities sum to 1 and their argmax is the label."""
+    labeller = train.Labeller(trained_folder)
+    with pytest.warns(UserWarning, match="nli, sim read sentence pairs") as caught:
+        first, second = labeller(["a"]), labeller(["b"])
+    assert len(caught) == 1 and set(first[0]) == set(second[0]) == {"kind"}
+    with pytest.warns(UserWarning, match="kind read single texts"):
+        scored = labeller(["a cat", "a dog"], ["x", "y"], probabilities=True)
+    for row in scored:
+        assert set(row["labels"]) == {"nli", "sim"} and set(row["probabilities"]) == {"nli"}
+        p = row["probabilities"]["nli"]
+        assert abs(sum(p.values()) - 1) < 1e-5 and max(p, key=p.get) == row["labels"]["nli"]
+    only = train.Labeller(trained_folder, tasks=["sim"])
+    assert [set(r) for r in only(["a"], ["b"])] == [{"sim"}]
+    with pytest.raises(ValueError, match="task 'sim' reads sentence pairs; give pairs"):
+        only(["a"])
+    with pytest.raises(ValueError, match="no task 'nope'.*its tasks are nli, sim, kind"):
+        train.Labeller(trained_folder, tasks=["nope"])
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        train.Labeller(trained_folder, batch_size=-1)
+
+
+def test_a_corpus_from_a_pipe_is_streamed(trained_folder, tmp_path):
+    """--predict <(zcat corpus.tsv.gz): a pipe is read as a TSV stream and labelled like the file."""
+    corpus = "text\n" + "".join(f"line {i}\n" for i in range(30))
+    (tmp_path / "file.tsv").write_text(corpus)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(corpus))
+    writer.start()
+    train.main(["--predict", str(fifo), "--checkpoint", str(trained_folder), "--predict-output",
+                str(tmp_path / "from-pipe.jsonl")])
+    writer.join()
+    train.main(["--predict", str(tmp_path / "file.tsv"), "--checkpoint", str(trained_folder),
+                "--predict-output", str(tmp_path / "from-file.jsonl")])
+    assert (tmp_path / "from-pipe.jsonl").read_text() == (tmp_path / "from-file.jsonl").read_text()
 
 
 # -- inputs never silently misread: files read back are checked; killed writes are cleaned up ----------
@@ -2760,7 +3051,9 @@ def test_a_checkpoint_older_than_a_flag_resumes_at_the_flags_old_behaviour(stopp
     run, flags = stopped_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    edit_checkpoint(copy / run_state.CHECKPOINT, lambda s: [s["args"].pop(k) for k in added])
+    predict_flags = ["id_column", "predict_tasks", "probabilities"]  # newer too, and never shape training
+    assert set(predict_flags) <= run_state.RUN_ONLY
+    edit_checkpoint(copy / run_state.CHECKPOINT, lambda s: [s["args"].pop(k) for k in added + predict_flags])
     argv = [f if f != str(run) else str(copy) for f in flags] + ["--resume", "--no-test"]
     with pytest.raises(SystemExit, match=re.escape("--pooling 'mean' -> 'mean+cls'")):
         train.main(argv + ["--pooling", "mean+cls"])
@@ -2835,7 +3128,8 @@ def test_a_cased_model_trains_and_labels_with_its_casing(tmp_path, capsys):
     text = "Apple opened a store in Paris, US."
     reference = transformers.BertTokenizer(str(folder / "vocab.txt"), do_lower_case=False)
     assert glue_data.load_tokenizer(best).encode(text).ids == reference(text)["input_ids"]
-    assert set(train.Labeller(best)([text])[0]) == {"nli", "sim"}
+    with pytest.warns(UserWarning, match="kind read single texts"):
+        assert set(train.Labeller(best)([text], [text])[0]) == {"nli", "sim"}
 
 
 def test_a_full_disk_while_logging_is_one_message(monkeypatch, tmp_path):
@@ -2946,12 +3240,12 @@ def test_kill_during_predict_leaves_the_previous_output_whole(tiny_model, traine
     target = tmp_path / "out.jsonl"
     argv = ["--predict", str(corpus), "--checkpoint", str(trained_folder), "--predict-output", str(target),
             "--predict-chunk", "10"]
-    died = run_dying("train.Labeller.__call__", 3, "pass", argv)
+    died = run_dying("train.Labeller.label_encoded", 3, "pass", argv)
     assert died.returncode == 9 and not target.exists()
     run_plain(argv)
     whole = target.read_text()
     assert len(whole.splitlines()) == 50
-    died = run_dying("train.Labeller.__call__", 3, "pass", argv)
+    died = run_dying("train.Labeller.label_encoded", 3, "pass", argv)
     assert died.returncode == 9 and target.read_text() == whole
 
 
@@ -2963,10 +3257,12 @@ def test_readme_labelling_example_runs_as_written(trained_folder, tmp_path, monk
     shutil.copytree(trained_folder, tmp_path / "runs" / "mtop" / "best")
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(readme_block("Labeller"), "README.md", "exec"), namespace)
-    assert len(namespace["rows"]) == 2 and set(namespace["rows"][0]) == {"nli", "sim"}
-    assert namespace["rows"][0]["nli"] in ("no", "yes") and isinstance(namespace["rows"][0]["sim"], float)
-    assert len(namespace["pairs"]) == 1
+    with pytest.warns(UserWarning, match="left out of this input"):
+        exec(compile(readme_block("Labeller"), "README.md", "exec"), namespace)
+    assert len(namespace["rows"]) == 2 and set(namespace["rows"][0]) == {"kind"}  # the single-text task
+    assert namespace["rows"][0]["kind"] in ("no", "yes")
+    assert len(namespace["pairs"]) == 1 and set(namespace["pairs"][0]) == {"nli", "sim"}
+    assert namespace["pairs"][0]["nli"] in ("no", "yes") and isinstance(namespace["pairs"][0]["sim"], float)
 
 
 def test_the_six_files_keep_their_layering():
@@ -2981,9 +3277,10 @@ def test_the_six_files_keep_their_layering():
                "support.glue_download": {"glue_data", files},
                "support.checks": {"glue_data", "electra", "mtop", "support.glue_download", system},
                "support.run_state": {"mtop", files, system}, "support.submission": {"glue_data", files},
-               "support.labelling": {"glue_data", "mtop", "support.checks", system},
+               "support.labelling": {"glue_data", "mtop", system},
+               "support.corpus": {"glue_data", "support.checks", "support.labelling", system},
                "train": {"electra", "glue_data", "mtop", "scheduler", "support.checks", "support.labelling",
-                         plot, "support.run_state", "support.submission", system}}
+                         "support.corpus", plot, "support.run_state", "support.submission", system}}
     modules = {p.stem for p in ROOT.glob("*.py")} | {f"support.{p.stem}"
                                                      for p in (ROOT / "support").glob("*.py")}
     assert modules - {"support.__init__", "test_mtop"} == set(allowed), "a module is missing from the table"
@@ -3038,3 +3335,11 @@ def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path,
                           text=True)
     if head.returncode == 0:  # a git checkout: the commit is git's, with +changes where .py files differ
         assert run.commit().split("+")[0] == head.stdout.strip()
+    folder = tmp_path / "work" / "p" / "a-seed0"  # a finished training's log goes beside the results
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text('{"event": "step"}\n')
+    (folder / "stdout.txt").write_text("done\n")
+    run.keep_log(run.Unit([], folder), tmp_path / "results" / "p", tmp_path / "work")
+    logs = tmp_path / "results" / "p-logs"
+    assert (logs / "a-seed0.log.jsonl").read_text() == '{"event": "step"}\n'
+    assert (logs / "a-seed0.stdout.txt").read_text() == "done\n"

@@ -36,7 +36,8 @@ from electra import DEFAULT_CACHE, Electra
 from mtop import MODES, MTOP, POOLINGS, PROMPT_ENTRIES, PROMPT_INITS
 from support.checks import check_device, prepare_inputs, prompt_config, user_errors
 # Labeller is re-exported: README's `from train import Labeller`
-from support.labelling import Labeller, predict_corpus, predict_encoded  # noqa: F401
+from support.corpus import predict_corpus
+from support.labelling import Labeller, predict_tasks  # noqa: F401
 from support.plot import plot
 from support.run_state import NonFiniteError, Run, data_fingerprint
 from support.submission import write_submission
@@ -122,9 +123,14 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", default="", help="trained model folder (default: <output-dir>/best)")
     g.add_argument("--text-columns", default="",
                    help="column(s) / JSON key(s) holding the text, e.g. text or a,b")
+    g.add_argument("--id-column", default="", help="column / JSON key copied to each output line as \"id\"")
+    g.add_argument("--predict-tasks", default="",
+                   help="comma-separated tasks to label (default: every task that reads the corpus's texts)")
+    g.add_argument("--probabilities", action="store_true", help="also write each class's probability")
     g.add_argument("--predict-output", default="", help="output JSONL (default: <input>.predictions.jsonl)")
     g.add_argument("--predict-chunk", type=int, default=4096,
-                   help="rows read, labelled and written at a time (under torchrun: the unit shared out)")
+                   help="rows read, labelled and written at a time (under torchrun: their batches are "
+                        "shared out)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,11 +192,12 @@ class TaskStream:
 
 
 def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
-    """Per task: tokenized train and dev splits (cached on disk), the train rows, the probe rows and
-    the regression target scale."""
+    """Per task: tokenized train and dev splits (cached on disk; tasks that read the same texts share one
+    tokenized copy), the train rows, the probe rows and the regression target scale."""
     cache = Path(args.cache_dir).expanduser() / "tokens"  # a second run reads these, no tokenizing
+    shared = {}  # texts -> tokens, for tasks that read one file (glue_data.load_encoded)
     enc = lambda task, split: glue_data.load_encoded(task, split, args.data_dir, tokenizer, args.max_length,
-                                                     cache)
+                                                     cache, shared)
     data = {}
     for task in tasks:
         for line in glue_data.describe_labels(task):  # what each head's outputs will mean
@@ -203,18 +210,21 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
                 log(note, rank)
         # The scheduler's probe rows: a fixed, seeded sample of the first dev split (the paper), or a
         # slice of train that training never sees (section 4.6's fix).
+        # Rows are drawn from those with a label (Encoded.labelled: every row unless `missing` says so).
         rng = np.random.default_rng(args.seed)
         if args.probe_on == "heldout":
-            held = min(len(train) // 10, args.probe_size or len(train) // 10)
+            rows = train.labelled
+            held = min(len(rows) // 10, args.probe_size or len(rows) // 10)
             if held == 0:
                 raise ValueError(f"{task.name}: --probe-on heldout holds out 10% of the training rows, and "
-                                 f"{len(train)} rows leave none; use --probe-on dev")
-            order = rng.permutation(len(train))
-            train_idx, probe = np.sort(order[held:]), (train, np.sort(order[:held]))
+                                 f"{len(rows)} rows leave none; use --probe-on dev")
+            order = rng.permutation(len(rows))
+            train_idx, probe = np.sort(rows[order[held:]]), (train, np.sort(rows[order[:held]]))
         else:
             first = dev[task.dev_splits[0]]
-            train_idx = np.arange(len(train))
-            probe = (first, np.sort(rng.permutation(len(first))[:args.probe_size or len(first)]))
+            rows = first.labelled
+            train_idx = train.labelled
+            probe = (first, np.sort(rows[rng.permutation(len(rows))[:args.probe_size or len(rows)]]))
         if args.max_train_examples and len(train_idx) > args.max_train_examples:  # e.g. SST-2 in short runs
             keep = np.random.default_rng([args.seed, 1]).permutation(len(train_idx))[:args.max_train_examples]
             train_idx = np.sort(train_idx[keep])
@@ -226,7 +236,7 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
             scale = (float(targets.mean()), float(targets.std()) or 1.0)
         data[task.name] = {"train": train, "train_idx": train_idx, "dev": dev, "probe": probe, "scale": scale}
         log(f"{task.name}: {len(train_idx)} train, "
-            + ", ".join(f"{len(e)} {s}" for s, e in dev.items())
+            + ", ".join(f"{len(e.labelled)} {s}" for s, e in dev.items())
             + f", probe {len(probe[1])} ({args.probe_on}) [{time.perf_counter() - start:.1f}s]", rank)
     return data
 
@@ -235,21 +245,22 @@ def load_data(args, tasks: list[glue_data.Task], tokenizer, rank: int):
 
 def evaluate(model, tasks, data, args) -> dict:
     """Every dev split: all metrics per task, the task scores and the averages (0..1), and the tasks whose
-    head predicted one class for every dev row ("one_class": {task: label}), whatever their scores."""
-    results, scores, primary, one_class = {}, {}, {}, {}
+    head predicted one class for every dev row ("one_class": {task: label}), whatever their scores.
+    Tasks that read the same dev texts are predicted from one encoder pass (predict_tasks)."""
+    splits = [(task, split, encoded) for task in tasks for split, encoded in data[task.name]["dev"].items()]
+    scales = {task.name: data[task.name]["scale"] for task in tasks}
+    predicted = predict_tasks(model, [(task.name, encoded, encoded.labelled) for task, _, encoded in splits],
+                              args.device, args.dtype, scales, label="dev")
+    results, scores, primary, one_class = {task.name: {} for task in tasks}, {}, {}, {}
+    for (task, split, encoded), predictions in zip(splits, predicted):
+        if task.kind == "classification" and len(set(predictions.tolist())) == 1:
+            one_class[task.name] = task.labels[int(predictions[0])]  # the head has not learned yet
+        found = glue_data.compute_metrics(task, predictions, encoded.labels[encoded.labelled])
+        suffix = "" if len(task.dev_splits) == 1 else f"_{split.split('_')[-1]}"
+        results[task.name] |= {f"{k}{suffix}": v for k, v in found.items()}
     for task in tasks:
-        metrics = {}
-        for split, encoded in data[task.name]["dev"].items():
-            predictions = predict_encoded(model, task.name, encoded, None, args.device, args.dtype,
-                                          data[task.name]["scale"], label=f"dev {task.name} {split}")
-            if task.kind == "classification" and len(set(predictions.tolist())) == 1:
-                one_class[task.name] = task.labels[int(predictions[0])]  # the head has not learned yet
-            found = glue_data.compute_metrics(task, predictions, encoded.labels)
-            suffix = "" if len(task.dev_splits) == 1 else f"_{split.split('_')[-1]}"
-            metrics |= {f"{k}{suffix}": v for k, v in found.items()}
-        scores[task.name] = glue_data.task_score(task, metrics)
-        primary[task.name] = glue_data.primary_score(task, metrics)
-        results[task.name] = metrics
+        scores[task.name] = glue_data.task_score(task, results[task.name])
+        primary[task.name] = glue_data.primary_score(task, results[task.name])
     # Two averages: GLUE's (each task's metrics averaged first: train.py keeps the best model by it) and
     # Table 1's (one metric per task: F1 for MRPC and QQP, Spearman for STS-B).
     return {"metrics": results, "scores": scores, "average": glue_data.glue_average(scores),
@@ -257,12 +268,13 @@ def evaluate(model, tasks, data, args) -> dict:
 
 
 def probe(model: MTOP, tasks, data, args) -> dict[str, float]:
-    """m_t(a) of Eq. (4): each task's score on its probe rows."""
+    """m_t(a) of Eq. (4): each task's score on its probe rows (tasks on the same texts: one pass)."""
+    scales = {task.name: data[task.name]["scale"] for task in tasks}
+    predicted = predict_tasks(model, [(task.name, *data[task.name]["probe"]) for task in tasks], args.device,
+                              args.dtype, scales)
     scores = {}
-    for task in tasks:
+    for task, predictions in zip(tasks, predicted):
         encoded, rows = data[task.name]["probe"]
-        predictions = predict_encoded(model, task.name, encoded, rows, args.device, args.dtype,
-                                      data[task.name]["scale"])
         scores[task.name] = glue_data.task_score(task, glue_data.compute_metrics(task, predictions,
                                                                                  encoded.labels[rows]))
     return scores
@@ -466,20 +478,23 @@ def write_test_predictions(out: Path, tasks: list[glue_data.Task], args) -> None
     jobs = [(t, t, split) for t in tasks for split in t.test_splits]
     if "MNLI" in model.num_labels and "AX" in glue_data.GLUE_TASKS and args.task_set == "glue":
         jobs.append((glue_data.GLUE_TASKS["AX"], next(t for t in tasks if t.name == "MNLI"), "test"))
-    predictions = {}
+    requests, keys, shared = [], [], {}  # tasks on one test file are predicted from one pass
     for source, head, split in jobs:
         if glue_data.missing_files([source], args.data_dir, splits=(split,)):
             log(f"no {source.name} {split} file: left out of the submission")
             continue
-        encoded = glue_data.load_encoded(source, split, args.data_dir, tokenizer, args.max_length, cache)
+        encoded = glue_data.load_encoded(source, split, args.data_dir, tokenizer, args.max_length, cache,
+                                         shared)
         log(f"test predictions: {source.name} {split}, {len(encoded)} rows")
-        predictions[f"{source.name}/{split}"] = predict_encoded(model, head.name, encoded, None, args.device,
-                                                                args.dtype, scales[head.name],
-                                                                label=f"test {source.name} {split}")
+        requests.append((head.name, encoded, np.arange(len(encoded))))
+        keys.append(f"{source.name}/{split}")
+    predictions = dict(zip(keys, predict_tasks(model, requests, args.device, args.dtype, scales,
+                                               label="test")))
     wnli = glue_data.GLUE_TASKS["WNLI"]
     if args.task_set == "glue" and wnli not in tasks and not glue_data.missing_files([wnli], args.data_dir):
         # The paper leaves WNLI out; the leaderboard still wants its file: the train majority class.
-        majority = np.bincount(glue_data.load_split(wnli, "train", args.data_dir).labels).argmax()
+        train = glue_data.load_split(wnli, "train", args.data_dir)
+        majority = np.bincount(train.labels[train.labelled]).argmax()
         rows = len(glue_data.load_split(wnli, "test", args.data_dir))
         predictions["WNLI/test"] = np.full(rows, majority)
         tasks = tasks + [wnli]

@@ -108,8 +108,9 @@ def majority_levels(glue: Path, tasks: list[str]) -> dict[str, float]:
         if task.kind == "regression":
             levels[name] = 0.0
             continue
-        majority = np.bincount(glue_data.load_split(task, "train", glue).labels).argmax()
-        labels = glue_data.load_split(task, "dev", glue).labels
+        train, dev = (glue_data.load_split(task, split, glue) for split in ("train", "dev"))
+        majority = np.bincount(train.labels[train.labelled]).argmax()
+        labels = dev.labels[dev.labelled]
         levels[name] = glue_data.task_score(task, glue_data.compute_metrics(task, np.full(len(labels),
                                                                                           majority), labels))
     return levels

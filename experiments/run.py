@@ -14,7 +14,8 @@ A plan is a JSON file:
 Each (run, seed) is `python train.py <common> <flags> --seed S --output-dir <work>/<plan>/<run>-seed<S>`;
 {glue} and {model} are filled from --glue and --model. When train.py ends, the dev evaluations in its
 log.jsonl, the steps each task got and the wall time go to <results>/<plan>/<run>-seed<S>.json, and the
-model files are deleted (--keep-models keeps them). A run whose JSON exists is skipped, so the script can
+model files are deleted (--keep-models keeps them); its log.jsonl and printed output are copied to
+<results>/<plan>-logs/, to be committed with the result. A run whose JSON exists is skipped, so the script can
 be stopped at any moment and started again: an unfinished run continues from its checkpoint (--resume).
 
 "single_task": one model per task (single-task fine-tuning), each trained on its task alone for the
@@ -185,6 +186,18 @@ def unlisted_seeds(plan: dict) -> str:
     return ""
 
 
+def keep_log(unit: Unit, results: Path, work: Path) -> None:
+    """A finished training's log.jsonl and printed output, kept beside the results (<plan>-logs/) to be
+    committed with them: the name is the unit's folder under the plan's, e.g. mtdnn-seed0 or
+    single-seed0-RTE."""
+    name = "-".join(unit.folder.relative_to(work).parts[1:])
+    logs = results.parent / f"{results.name}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for source, suffix in (("log.jsonl", ".log.jsonl"), ("stdout.txt", ".stdout.txt")):
+        if (unit.folder / source).exists():
+            shutil.copyfile(unit.folder / source, logs / f"{name}{suffix}")
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -272,6 +285,7 @@ def main() -> None:
                       flush=True)
                 continue
             write_json(unit.folder / "done.json", {"seconds": seconds})
+            keep_log(unit, results, work)
             if not options.keep_models:
                 (unit.folder / "checkpoint.safetensors").unlink(missing_ok=True)
                 shutil.rmtree(unit.folder / "best", ignore_errors=True)

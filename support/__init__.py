@@ -5,7 +5,8 @@
     system.py         torchrun, devices, autocast, CPU memory (glibc)
     checks.py         prepare_inputs: every input checked before any work; user_errors
     run_state.py      Run: a run's folder, checkpoints without pickle, log.jsonl, best/, resume
-    labelling.py      forward_batches, predict_encoded, Labeller and --predict (one pass for all tasks)
+    labelling.py      forward_batches, predict_encoded, predict_tasks, Labeller (one pass for all tasks)
+    corpus.py         --predict: a corpus file labelled in chunks (ids, scores, torchrun)
     plot.py           training.png from log.jsonl (needs matplotlib)
 
 Each module imports only the six files' lower layers and the modules above it in this list, never

@@ -73,6 +73,10 @@ def check_data(tasks: list[glue_data.Task], args) -> None:
             if not examples.text_a:
                 raise ValueError(f"{examples.path}: no examples (only a header?); task {task.name} needs "
                                  f"rows in its {split} file")
+            if not len(examples.labelled):
+                raise ValueError(f"{examples.path}: every row's {task.label!r} is a missing value "
+                                 f"{list(task.missing)}; task {task.name} needs labelled rows in its {split} "
+                                 "file")
             official = glue_data.OFFICIAL_ROWS.get(f"{task.name}/{split}")
             if (split.startswith("test") and not args.no_test and glue_data.GLUE_TASKS.get(task.name) == task
                     and official is not None and len(examples) != official):

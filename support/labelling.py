@@ -1,38 +1,38 @@
-"""Inference: every task's predictions from one encoder pass per batch, for evaluation, for labelling
-from Python (Labeller) and for labelling a corpus file (train.py --predict).
+"""Inference: every task's predictions from one encoder pass per batch, for evaluation and probes, and
+for labelling from Python (Labeller; a corpus file: support/corpus.py).
 
     forward_batches(model, encoded, rows, ...)   the one loop: bucketed batches -> collate -> forward
     predict_encoded(model, task, encoded, ...)   one task's predictions (class ids or unscaled floats)
+    predict_tasks(model, requests, ...)          many tasks' predictions, one pass for tasks on one text
     Labeller("runs/mtop/best")(texts)            [{task: label, ...}, ...] for a list of texts (or pairs)
-    predict_corpus(args)                         --predict: a TSV or JSONL corpus -> JSONL, streaming
 
 MTOP's point (Sec. 3.1): with active_task=None, one forward pass gives every task's logits.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import glue_data
 from mtop import MTOP
-from support.checks import check_device, user_errors, writable
-from support.system import autocast, log, pad_multiple, setup_distributed
+from support.system import autocast, log, pad_multiple
 
 
 @torch.no_grad()
 def forward_batches(model: MTOP, encoded: glue_data.Encoded, indices: np.ndarray, device: str, dtype: str,
-                    batch_size: int = 64, active_task: str | None = None, label: str = ""):
+                    batch_size: int = 64, active_task: str | None = None, label: str = "",
+                    heads: list[str] | None = None):
     """Yield (positions, logits) over the rows `indices` of `encoded`, in length-bucketed batches:
     positions (b,) index into `indices`, logits is forward's {task: (b, C)} (every task's when
-    active_task is None: one encoder pass). With a label, a progress line every 30 seconds."""
+    active_task is None: one encoder pass). `heads`: one pass, then only these tasks' heads, each run as
+    its own module, as a pass with active_task runs it (not MTOP.all_heads' batched products, which
+    round differently). With a label, a progress line every 30 seconds."""
     started = last = time.perf_counter()
     done = 0
     for batch in glue_data.batch_order(encoded.lengths[indices], batch_size, 0, 0, shuffle=False):
@@ -41,9 +41,14 @@ def forward_batches(model: MTOP, encoded: glue_data.Encoded, indices: np.ndarray
             last = time.perf_counter()
             log(f"{label}: {done}/{len(indices)} rows ({done / (last - started):.0f} rows/s)")
         inputs = glue_data.collate(encoded, indices[batch], multiple=pad_multiple(device))
+        ids, mask, types = (inputs[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids"))
         with autocast(device, dtype):
-            logits = model(inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
-                           inputs["token_type_ids"].to(device), active_task=active_task)
+            if heads is None:
+                logits = model(ids, mask, types, active_task=active_task)
+            else:
+                features = model.features(ids, mask, types)  # (b, N, D): every task's a_i, one pass
+                logits = {name: model.heads[model.task_index[name]](features[:, model.task_index[name]])
+                          for name in heads}
         yield batch, logits
 
 
@@ -71,54 +76,47 @@ def predict_encoded(model: MTOP, task: str, encoded: glue_data.Encoded, indices:
     return out
 
 
-def read_corpus(path: Path, columns: list[str]):
-    """Yield (line number, text_a, text_b or None) from a corpus: a .jsonl file (one JSON object per line,
-    key "text" by default), or a .tsv or .csv file with a header (the first column by default), read by
-    glue_data's readers under the rules of training files. Bad input: SystemExit naming file and line."""
-    check_columns(columns)
-    try:
-        yield from (_read_jsonl if path.suffix.lower() == ".jsonl" else _read_table)(path, columns)
-    except ValueError as err:  # glue_data's readers name the file and line
-        raise SystemExit(f"error: {err}") from None
+@torch.no_grad()
+def predict_tasks(model: MTOP, requests: list[tuple[str, glue_data.Encoded, np.ndarray]], device: str,
+                  dtype: str, scales: dict[str, tuple[float, float]], batch_size: int = 64,
+                  label: str = "") -> list[np.ndarray]:
+    """Each request (task, encoded, rows) -> that task's predictions on those rows, as predict_encoded
+    gives them. Requests on the same texts (one Encoded.texts key) share one encoder pass over the union
+    of their rows, every head reading it (active_task=None): MTOP's one pass, at evaluation. A request
+    alone on its texts, and every request in mode "separate" (one pass per task anyway), runs as
+    predict_encoded does, with active_task=task.
 
-
-def check_columns(columns: list[str]) -> None:
-    if len(columns) > 2:
-        raise SystemExit(f"error: --text-columns names {len(columns)} columns ({', '.join(columns)}); a text "
-                         "is one column, or two for a pair")
-
-
-def _read_jsonl(path: Path, columns: list[str]):
-    keys = columns or ["text"]
-    for number, line in glue_data.text_lines(path):
-        if not line.strip():
+    The shared pass runs each head as the single-task pass does, and its last encoder layer computes every
+    task's prompt rows where the single-task pass computes one task's (electra.py's `rows`): on the CPUs
+    tested, a task that reads every row of the union gets bitwise its own predictions. A task that reads
+    some of them (a label missing on some rows) is batched with other rows, so with other padding: its
+    logits may differ in the last float digit (1 ulp seen; the same classes)."""
+    groups: dict[str, list[int]] = {}
+    for i, (_, encoded, _) in enumerate(requests):
+        alone = not encoded.texts or model.mode == "separate"
+        groups.setdefault(f"#{i}" if alone else encoded.texts, []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(requests)
+    for members in groups.values():
+        if len(members) == 1:
+            task, encoded, rows = requests[members[0]]
+            out[members[0]] = predict_encoded(model, task, encoded, rows, device, dtype, scales[task],
+                                              batch_size, label and f"{label} {task}")
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"error: {path}:{number}: not a JSON object ({err})") from None
-        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise SystemExit(f"error: {path}:{number}: no key {missing[0]!r} (use --text-columns)")
-        texts = [row[k] for k in keys]
-        if not all(isinstance(t, str) for t in texts):
-            raise SystemExit(f"error: {path}:{number}: the value of {keys} must be a string")
-        yield number, texts[0], texts[1] if len(texts) > 1 else None
-
-
-def _read_table(path: Path, columns: list[str]):
-    if path.stat().st_size == 0:
-        raise SystemExit(f"error: {path}: empty; expected a header row naming the text column(s)")
-    header, rows = glue_data.read_table(path)
-    keys = columns or [header[0]]
-    missing = [k for k in keys if k not in header]
-    if missing:
-        raise SystemExit(f"error: {path}:1: no column {missing[0]!r} in header {header} (use --text-columns)")
-    where = glue_data.column_indices(header, tuple(keys), path)
-    for number, row in rows:
-        if len(row) != len(header):
-            raise SystemExit(f"error: {path}:{number}: {len(row)} columns, the header has {len(header)}")
-        yield number, row[where[0]], row[where[1]] if len(where) > 1 else None
+        encoded = requests[members[0]][1]
+        union = np.unique(np.concatenate([requests[i][2] for i in members]))  # sorted
+        found = {i: np.zeros(len(union), np.float32 if model.num_labels[requests[i][0]] == 1 else np.int64)
+                 for i in members}
+        tag = label and f"{label} {requests[members[0]][0]} and {len(members) - 1} more tasks"
+        model.eval()
+        names = list(dict.fromkeys(requests[i][0] for i in members))
+        for positions, logits in forward_batches(model, encoded, union, device, dtype, batch_size, None, tag,
+                                                 names):
+            for i in members:
+                task = requests[i][0]
+                found[i][positions] = to_predictions(logits[task], scales[task])
+        for i in members:
+            out[i] = found[i][np.searchsorted(union, requests[i][2])]
+    return out
 
 
 def check_texts(items, name: str) -> None:
@@ -166,129 +164,106 @@ def check_metadata(metadata: dict, model: MTOP, path: Path) -> list[dict]:
 
 
 class Labeller:
-    """A trained model folder (runs/.../best) that labels texts with every task from one encoder pass
-    per batch. From Python:
+    """A trained model folder (runs/.../best) that labels texts with its tasks from one encoder pass per
+    batch. From Python:
 
         labeller = Labeller("runs/mtop/best")
-        labeller(["a gripping film", "the plot goes nowhere"])     # [{"SST-2": "1", "CoLA": "1", ...}, ...]
+        labeller(["a gripping film", "the plot goes nowhere"])     # [{"SST-2": "1", "CoLA": "1"}, ...]
         labeller(questions, answers)                               # pairs: two lists of one length
+        labeller(texts, probabilities=True)                        # [{"labels": {...}, "probabilities":
+                                                                   #   {"SST-2": {"0": 0.1, "1": 0.9}}}]
+
+    A task reads single texts or pairs, as it was trained: texts alone are labelled by the single-text
+    tasks, pairs by the pair tasks; the others are left out (a warning names them once). `tasks` chooses
+    tasks by name (default: all); a chosen task that cannot read the input is an error.
     """
 
-    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64):
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64,
+                 tasks: list[str] | None = None):
         self.model, self.metadata = MTOP.load(folder, map_location=device)
         self.tokenizer = glue_data.load_tokenizer(folder)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Labeller: batch_size must be a whole number >= 1, got {batch_size!r}")
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        tasks = check_metadata(self.metadata, self.model, Path(folder) / "mtop.json")
-        self.labels = {t["name"]: t.get("labels") for t in tasks}
-        self.scales = {t["name"]: t.get("scale", (0.0, 1.0)) for t in tasks}
-        self.pair_tasks = [t["name"] for t in tasks if t.get("pair")]
+        entries = check_metadata(self.metadata, self.model, Path(folder) / "mtop.json")
+        self.labels = {t["name"]: t.get("labels") for t in entries}
+        self.scales = {t["name"]: t.get("scale", (0.0, 1.0)) for t in entries}
+        self.pair_tasks = [t["name"] for t in entries if t.get("pair")]
+        names = self.model.task_names
+        if tasks is not None and (unknown := [t for t in tasks if t not in names]):
+            raise ValueError(f"Labeller: no task {unknown[0]!r} in {folder}; its tasks are "
+                             f"{', '.join(names)}")
+        self.tasks = list(names if tasks is None else dict.fromkeys(tasks))
+        self.chosen = tasks is not None
+        self._named: set[bool] = set()  # input shapes whose left-out tasks were named
 
-    @torch.no_grad()
-    def __call__(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
-        """texts (and pairs, of the same length): strings -> one {task: label or value} dict per text.
-        Raises ValueError naming the first item that is not a string (None, a NaN from pandas, ...)."""
+    def tasks_for(self, pairs: bool) -> list[str]:
+        """The tasks (of self.tasks) that read pairs (pairs=True) or single texts."""
+        return [t for t in self.tasks if (t in self.pair_tasks) == pairs]
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None, probabilities: bool = False,
+                 progress: str = "") -> list[dict]:
+        """texts (and pairs, of the same length): strings -> one {task: label or value} dict per text, or
+        with probabilities {"labels": {...}, "probabilities": {task: {label: p}}} (classification tasks;
+        softmax, 6 decimals). Raises ValueError naming the first item that is not a string (None, a NaN
+        from pandas, ...), or a chosen task that cannot read this input. `progress`: a label for a
+        progress line every 30 seconds."""
+        encoded = self.encode(texts, pairs)
+        tasks, left_out = self.tasks_to_label(pairs is not None)
+        if left_out and (pairs is not None) not in self._named:
+            self._named.add(pairs is not None)
+            shape = "single texts" if pairs is not None else "sentence pairs"
+            warnings.warn(f"Labeller: {', '.join(left_out)} read {shape}, so they are left out of this input",
+                          stacklevel=2)
+        found = self.label_encoded(encoded, tasks, probabilities, progress=progress)
+        return [found[row] for row in range(len(encoded))]
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> glue_data.Encoded:
+        """Checked and tokenized as the model's tasks were trained (mtop.json's max_length)."""
         check_texts(texts, "texts")
         if pairs is not None:
             check_texts(pairs, "pairs")
             if len(pairs) != len(texts):
                 raise ValueError(f"Labeller: {len(texts)} texts but {len(pairs)} pairs; give one pair per "
                                  "text")
-        encoded = glue_data.encode(self.tokenizer, texts, pairs, self.metadata.get("max_length", 128))
-        results: list[dict] = [{} for _ in texts]
-        rows = np.arange(len(encoded))
-        for positions, logits in forward_batches(self.model, encoded, rows, self.device, self.dtype,
-                                                 self.batch_size):
-            for name, values in logits.items():  # one encoder pass gave every task's logits
+        return glue_data.encode(self.tokenizer, texts, pairs, self.metadata.get("max_length", 128))
+
+    def tasks_to_label(self, pairs: bool) -> tuple[list[str], list[str]]:
+        """(the tasks that read this input shape, the tasks left out); a task chosen by name that reads
+        the other shape is a ValueError."""
+        fits = self.tasks_for(pairs)
+        left_out = [t for t in self.tasks if t not in fits]
+        if left_out and self.chosen:
+            shape, fix = ("single texts", "give texts alone") if pairs else ("sentence pairs", "give pairs")
+            raise ValueError(f"Labeller: task {left_out[0]!r} reads {shape}; {fix}, or leave it out of the "
+                             "tasks chosen")
+        return fits, left_out
+
+    @torch.no_grad()
+    def label_encoded(self, encoded: glue_data.Encoded, tasks: list[str], probabilities: bool = False,
+                      shard: tuple[int, int] = (0, 1), progress: str = "") -> dict[int, dict]:
+        """{row: result} for the rows of `encoded` in this shard's batches: shard (r, K) takes batches r,
+        r + K, ... of the length-sorted order, so every row is computed in the batch it has with one
+        process, and K processes give bitwise what one gives."""
+        results: dict[int, dict] = {}
+        batches = glue_data.batch_order(encoded.lengths, self.batch_size, 0, 0, shuffle=False)
+        mine = np.concatenate(batches[shard[0]::shard[1]] or [np.zeros(0, np.int64)])  # this shard's rows
+        for positions, logits in forward_batches(self.model, encoded, mine, self.device, self.dtype,
+                                                 self.batch_size, label=progress):
+            labels, scores = {}, {}
+            for name in tasks:
+                values = logits[name]
                 predicted = to_predictions(values, self.scales[name], torch.float64)
                 if self.model.num_labels[name] == 1:
-                    found = [round(float(v), 4) for v in predicted]
-                else:
-                    names = self.labels.get(name) or list(range(values.shape[1]))
-                    found = [names[i] for i in predicted.tolist()]
-                for row, value in zip(positions.tolist(), found):
-                    results[row][name] = value
-        return results
-
-
-def check_paths(source: Path, target: Path) -> None:
-    """--predict's input must exist and its output be writable, and not the input, before the model loads."""
-    if not source.is_file():
-        raise SystemExit(f"error: --predict: no such file {source}")
-    if target.resolve() == source.resolve():
-        raise SystemExit(f"error: --predict-output {target} is the input file; give another path (nothing "
-                         "was written)")
-    if not target.parent.is_dir():
-        raise SystemExit(f"error: --predict-output: the folder {target.parent} does not exist; create it "
-                         "first")
-    if target.is_dir() or not writable(target.parent) or target.exists() and not writable(target):
-        raise SystemExit(f"error: --predict-output {target}: cannot write a file there (a folder, or "
-                         "read-only); give another path (nothing was written)")
-
-
-def predict_corpus(args) -> Path | None:
-    """--predict: label every row of a corpus with every task, in chunks (constant memory). Under torchrun
-    the chunks are shared out (chunk j to rank j mod K) and rank 0 joins the parts in input order."""
-    check_device(args.device)
-    rank, world, device = setup_distributed(args.device)
-    folder = Path(args.checkpoint or Path(args.output_dir) / "best")
-    source = Path(args.predict)
-    target = Path(args.predict_output or f"{source}.predictions.jsonl")
-    columns = [c for c in args.text_columns.split(",") if c]
-    check_paths(source, target)
-    check_columns(columns)
-    with user_errors():
-        labeller = Labeller(folder, device, args.dtype)
-    if len(columns) < 2 and labeller.pair_tasks:
-        log(f"warning: {', '.join(labeller.pair_tasks)} read sentence pairs, and the corpus gives one text; "
-            "name two columns with --text-columns a,b for them", rank)
-    tmp = target.with_name(f".{target.name}.tmp")
-    part = tmp if world == 1 else target.with_name(f".{target.name}.part{rank}")
-    started, done, chunk = time.perf_counter(), 0, args.predict_chunk
-    try:
-        with open(part, "w", encoding="utf-8") as f:
-            rows = read_corpus(source, columns)
-            for index in itertools.count():
-                block = list(itertools.islice(rows, chunk))
-                if not block:
-                    break
-                done += len(block)
-                if index % world != rank:
+                    labels[name] = [round(float(v), 4) for v in predicted]
                     continue
-                pairs = [r[2] for r in block] if block[0][2] is not None else None
-                for (number, _, _), labels in zip(block, labeller([r[1] for r in block], pairs)):
-                    f.write(json.dumps({"line": number, **labels}) + "\n")
-                log(f"labelled {done} rows ({done / (time.perf_counter() - started):.0f} rows/s"
-                    f"{f' over {world} processes' if world > 1 else ''})", rank)
-        if world > 1:
-            dist.barrier()  # every part is complete
-            if rank == 0:
-                join_parts([part.with_name(f".{target.name}.part{r}") for r in range(world)], tmp, chunk)
-            dist.barrier()
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a half-written output never takes the target's name
-        if world > 1:
-            part.unlink(missing_ok=True)
-        raise
-    if world > 1:
-        part.unlink(missing_ok=True)
-        dist.destroy_process_group()
-    if rank != 0:
-        return None
-    tmp.replace(target)
-    log(f"wrote {target}")
-    return target
-
-
-def join_parts(parts: list[Path], out: Path, chunk: int) -> None:
-    """Interleave the ranks' parts chunk by chunk (chunk j is in part j mod K): the input's order."""
-    files = [open(p, encoding="utf-8") for p in parts]
-    try:
-        with open(out, "w", encoding="utf-8") as f:
-            for index in itertools.count():
-                lines = list(itertools.islice(files[index % len(files)], chunk))
-                if not lines:
-                    break
-                f.writelines(lines)
-    finally:
-        for file in files:
-            file.close()
+                names = self.labels.get(name) or list(range(values.shape[1]))
+                labels[name] = [names[i] for i in predicted.tolist()]
+                if probabilities:
+                    p = values.float().softmax(-1).cpu().numpy()  # (b, C)
+                    scores[name] = [{label: round(float(x), 6) for label, x in zip(names, row)} for row in p]
+            for k, row in enumerate(mine[positions].tolist()):
+                row_labels = {name: labels[name][k] for name in tasks}
+                results[row] = row_labels if not probabilities else {
+                    "labels": row_labels, "probabilities": {name: scores[name][k] for name in scores}}
+        return results

@@ -42,7 +42,10 @@ from support.system import log
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never loaded (it could run code)
 # Flags that may differ between a run and its resumption; every other flag shapes the trajectory.
-RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir"}
+RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir",
+            # --predict's flags: a training never reads them
+            "predict", "checkpoint", "text_columns", "predict_output", "predict_chunk", "id_column",
+            "predict_tasks", "probabilities"}
 # Flags newer than some checkpoints, with the value that trains as the code before them did: a checkpoint
 # without one was written with that value, so --resume compares against it (train.py's defaults).
 ADDED_FLAGS = {"pooling": "mean", "head_lr": 0.0}

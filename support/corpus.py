@@ -1,0 +1,186 @@
+"""--predict: label a corpus file with a trained model's tasks, streaming, a chunk of rows at a time.
+
+    python train.py --predict corpus.tsv --checkpoint runs/mtop/best --text-columns text --id-column id
+
+The corpus is a .tsv or .csv file with a header (read as training files are: glue_data.read_table) or a
+.jsonl file; a pipe (`<(zcat corpus.tsv.gz)`) streams too, named by its suffix-less path as a TSV. Each
+input row gives one output line, in input order: {"row": its 0-based index among the rows (the header
+and blank JSONL lines not counted), "id": the --id-column value, "labels": {task: label or value},
+"probabilities": {task: {label: p}} (with --probabilities)}. Under torchrun the batches of every chunk
+are dealt out to the K processes and rank 0 merges their parts: the same bytes one process writes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import stat
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+import glue_data
+from support.checks import check_device, user_errors, writable
+from support.labelling import Labeller
+from support.system import log, setup_distributed
+
+
+def read_corpus(path: Path, columns: list[str], id_column: str = ""):
+    """Yield (row, id or None, text_a, text_b or None) from a corpus: a .jsonl file (one JSON object per
+    line, key "text" by default), or a .tsv/.csv file with a header (the first column by default). Bad
+    input: SystemExit naming the file and line."""
+    check_columns(columns, id_column)
+    try:
+        reader = _read_jsonl if path.suffix.lower() == ".jsonl" else _read_table
+        for row, (ident, text_a, text_b) in enumerate(reader(path, columns, id_column)):
+            yield row, ident, text_a, text_b
+    except ValueError as err:  # glue_data's readers name the file and line
+        raise SystemExit(f"error: {err}") from None
+
+
+def check_columns(columns: list[str], id_column: str = "") -> None:
+    if len(columns) > 2:
+        raise SystemExit(f"error: --text-columns names {len(columns)} columns ({', '.join(columns)}); a text "
+                         "is one column, or two for a pair")
+    if len(set(columns)) != len(columns):
+        raise SystemExit(f"error: --text-columns names {columns[0]!r} twice; a pair is two different columns")
+    if id_column and id_column in columns:
+        raise SystemExit(f"error: --id-column {id_column!r} is also a text column; name the id column")
+
+
+def _read_jsonl(path: Path, columns: list[str], id_column: str):
+    keys = columns or ["text"]
+    for number, line in glue_data.text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise SystemExit(f"error: {path}:{number}: not a JSON object ({str(err)[:100]})") from None
+        missing = [k for k in keys + [id_column] * bool(id_column) if not isinstance(record, dict)
+                   or k not in record]
+        if missing:
+            flag = "--id-column" if missing[0] == id_column else "--text-columns"
+            raise SystemExit(f"error: {path}:{number}: no key {missing[0]!r} (use {flag})")
+        texts = [record[k] for k in keys]
+        if not all(isinstance(t, str) for t in texts):
+            raise SystemExit(f"error: {path}:{number}: the value of {keys} must be a string")
+        yield record[id_column] if id_column else None, texts[0], texts[1] if len(texts) > 1 else None
+
+
+def _read_table(path: Path, columns: list[str], id_column: str):
+    header, rows = glue_data.read_table(path)
+    keys = columns or [header[0]]
+    missing = [k for k in keys + [id_column] * bool(id_column) if k not in header]
+    if missing:
+        flag = "--id-column" if missing[0] == id_column else "--text-columns"
+        raise SystemExit(f"error: {path}:1: no column {missing[0]!r} in header {header} (use {flag})")
+    where = glue_data.column_indices(header, tuple(keys + [id_column] * bool(id_column)), path)
+    for number, fields in rows:
+        if len(fields) != len(header):
+            raise SystemExit(f"error: {path}:{number}: {len(fields)} columns, the header has {len(header)}")
+        ident = fields[where[-1]] if id_column else None
+        yield ident, fields[where[0]], fields[where[1]] if len(keys) > 1 else None
+
+
+def check_paths(source: Path, target: Path, world: int) -> None:
+    """--predict's input must exist (a file, or a pipe read by one process) and its output be writable,
+    and not the input, before the model loads."""
+    if not source.exists() or source.is_dir():
+        raise SystemExit(f"error: --predict: no such file {source}")
+    if not source.is_file() and world > 1:
+        kind = "a pipe" if stat.S_ISFIFO(source.stat().st_mode) else "not a regular file"
+        raise SystemExit(f"error: --predict {source} is {kind}, which only one process can read; under "
+                         "torchrun give a file")
+    if target.resolve() == source.resolve():
+        raise SystemExit(f"error: --predict-output {target} is the input file; give another path (nothing "
+                         "was written)")
+    if not target.parent.is_dir():
+        raise SystemExit(f"error: --predict-output: the folder {target.parent} does not exist; create it "
+                         "first")
+    if target.is_dir() or not writable(target.parent) or target.exists() and not writable(target):
+        raise SystemExit(f"error: --predict-output {target}: cannot write a file there (a folder, or "
+                         "read-only); give another path (nothing was written)")
+
+
+def choose_tasks(labeller: Labeller, pairs: bool, rank: int) -> list[str]:
+    """The tasks that label this corpus: --predict-tasks (or all), less those that read the other input
+    shape, named once; a chosen task that cannot read it ends the run."""
+    with user_errors():
+        tasks, left_out = labeller.tasks_to_label(pairs)
+    if left_out:
+        shape, fix = (("single texts", "name one --text-columns") if pairs else
+                      ("sentence pairs", "name two columns with --text-columns a,b"))
+        log(f"left out: {', '.join(left_out)} (they read {shape}; {fix} to label them)", rank)
+    return tasks
+
+
+def predict_corpus(args) -> Path | None:
+    """--predict: label every row of a corpus, a chunk of --predict-chunk rows at a time (constant memory).
+    Under torchrun each chunk's batches are dealt out (Labeller.label_encoded's shard) and rank 0 merges
+    the processes' parts by row."""
+    check_device(args.device)
+    rank, world, device = setup_distributed(args.device)
+    folder = Path(args.checkpoint or Path(args.output_dir) / "best")
+    source = Path(args.predict)
+    target = Path(args.predict_output or f"{source}.predictions.jsonl")
+    columns = [c for c in args.text_columns.split(",") if c]
+    check_paths(source, target, world)
+    rows = read_corpus(source, columns, args.id_column)
+    first = next(rows, None)  # the header and the first row are checked before the model loads
+    rows = itertools.chain([first] if first else [], rows)
+    with user_errors():
+        labeller = Labeller(folder, device, args.dtype,
+                            tasks=[t for t in args.predict_tasks.split(",") if t] or None)
+    pairs = len(columns) == 2
+    tasks = choose_tasks(labeller, pairs, rank)
+    tmp = target.with_name(f".{target.name}.tmp")
+    part = tmp if world == 1 else target.with_name(f".{target.name}.part{rank}")
+    started, read = time.perf_counter(), 0
+    try:
+        with open(part, "w", encoding="utf-8") as f:
+            while block := list(itertools.islice(rows, args.predict_chunk)):
+                encoded = labeller.encode([r[2] for r in block], [r[3] for r in block] if pairs else None)
+                progress = f"rows {read + 1}-{read + len(block)}" if rank == 0 else ""
+                found = labeller.label_encoded(encoded, tasks, args.probabilities, (rank, world), progress)
+                for k in sorted(found):
+                    result = found[k] if args.probabilities else {"labels": found[k]}
+                    ident = {"id": block[k][1]} if args.id_column else {}
+                    f.write(json.dumps({"row": block[k][0], **ident, **result}) + "\n")
+                read += len(block)
+                if world > 1:
+                    dist.barrier()  # every process has done this chunk: the count below is right
+                log(f"labelled {read} rows ({read / (time.perf_counter() - started):.0f} rows/s"
+                    f"{f' over {world} processes' if world > 1 else ''})", rank)
+        if world > 1:
+            dist.barrier()  # every part is complete
+            if rank == 0:
+                merge_parts([part.with_name(f".{target.name}.part{r}") for r in range(world)], tmp)
+            dist.barrier()
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written output never takes the target's name
+        if world > 1:
+            part.unlink(missing_ok=True)
+        raise
+    if world > 1:
+        part.unlink(missing_ok=True)
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    tmp.replace(target)
+    log(f"wrote {target}: {read} rows, tasks {', '.join(tasks)}")
+    return target
+
+
+def merge_parts(parts: list[Path], out: Path) -> None:
+    """Merge the processes' parts, each in row order, into one file in row order. Every line starts with
+    '{"row": N,' (predict_corpus writes it so), which gives the key without parsing the whole line."""
+    files = [open(p, encoding="utf-8") for p in parts]
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            f.writelines(heapq.merge(*files, key=lambda line: int(line[8:line.index(",", 8)])))
+    finally:
+        for file in files:
+            file.close()
