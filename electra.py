@@ -335,6 +335,16 @@ WRAPPER_PREFIXES = ("electra.", "bert.")
 # classification heads, BERT's pooler and pre-training heads, and the position_ids buffer.
 DROPPED = ("discriminator_predictions.", "classifier.", "pooler.", "cls.", "embeddings.position_ids",
            "generator_predictions.", "generator_lm_head.")
+# Older names of the table's keys, read as today's: BERT checkpoints exported from TensorFlow name a
+# LayerNorm's scale and shift gamma and beta (transformers maps them on load too).
+OLD_NAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+
+
+def current_name(key: str) -> str:
+    """A checkpoint key as the name table spells it: the wrapper prefix dropped, an old name renamed."""
+    bare = next((key[len(p):] for p in WRAPPER_PREFIXES if key.startswith(p)), key)
+    old = next((o for o in OLD_NAMES if bare.endswith(o)), None)
+    return bare[:-len(old)] + OLD_NAMES[old] if old else bare
 
 
 def hf_name_table(config: ElectraConfig) -> dict[str, tuple[str, int | None]]:
@@ -377,13 +387,15 @@ def read_checkpoint(path: Path, config: ElectraConfig,
         raise ValueError(f"{path}: cannot read safetensors ({err}); the file is truncated or corrupt, "
                          "delete it and download or save it again") from None
     table = hf_name_table(config)
-    found, unexpected = {}, []
+    found, source, unexpected = {}, {}, []
     for key, tensor in raw.items():
-        bare = next((key[len(p):] for p in WRAPPER_PREFIXES if key.startswith(p)), key)
+        bare = current_name(key)
         if bare.startswith(DROPPED):
             continue
+        if bare in found:  # e.g. both LayerNorm.gamma and LayerNorm.weight: which one is meant?
+            raise ValueError(f"{path}: keys {source[bare]!r} and {key!r} both name {bare!r}; keep one")
         if bare in table:
-            found[bare] = tensor
+            found[bare], source[bare] = tensor, key
         else:
             unexpected.append(key)
     shape_of = {hf: expected[ours].shape if part is None else expected[ours].chunk(3)[part].shape
@@ -462,7 +474,12 @@ def download_model(name: str, folder: Path, hub_url: str = HUB_URL) -> None:
                 raise ValueError(f"{base}/pytorch_model.bin was refused: its pickle holds more than tensors "
                                  f"({type(err).__name__}), and loading it could run code. Nothing was "
                                  "installed; use a model that ships model.safetensors") from None
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+            # Keys the encoder never reads go (a masked-LM head whose decoder is tied to the word
+            # embeddings among them), and each kept tensor gets storage of its own: safetensors refuses
+            # tensors that share memory.
+            kept = {k: v.detach().clone().contiguous() for k, v in state.items()
+                    if isinstance(v, torch.Tensor) and not current_name(k).startswith(DROPPED)}
+            save_file(kept, str(tmp / "model.safetensors"))
             (tmp / "pytorch_model.bin").unlink()
         if folder.exists():  # another process finished first
             shutil.rmtree(tmp)

@@ -48,7 +48,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from support.files import atomic_write, read_json
+from support.files import atomic_write, name_problem, read_json
 
 # .csv fields have no length limit, as .tsv fields have none (csv's default is 131,072 characters). The
 # setting is the process's; set once, here, so that reads that overlap never see another value.
@@ -281,10 +281,8 @@ def _task_from_json(entry: dict, number: int, path: Path, where: str = "") -> Ta
         return tuple(value)
 
     name, kind = entry["name"], entry["type"]
-    if not isinstance(name, str) or not name.strip() or any(c in name for c in '/\\:*?"<>|') or name in (".",
-                                                                                                         ".."):
-        raise ValueError(f"{where}: 'name' must be a non-empty string that can name a file (no / \\ : * ? \" "
-                         "< > |)")
+    if problem := name_problem(name):
+        raise ValueError(f"{where}: 'name' {problem}")
     if kind not in ("classification", "regression"):
         raise ValueError(f"{where}: 'type' must be 'classification' or 'regression', got {kind!r}")
     allowed = ("accuracy", "f1", "mcc") if kind == "classification" else ("pearson", "spearman")
@@ -583,7 +581,14 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
                              "use vocab.txt") from None
     elif (model_dir / "vocab.txt").is_file():
         lines = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        vocab = {token: index for index, token in enumerate(lines[:-1] if lines[-1] == "" else lines)}
+        lines = lines[:-1] if lines[-1] == "" else lines
+        vocab: dict[str, int] = {}
+        for index, token in enumerate(lines):  # a repeated token would shift every later id by one
+            if token in vocab:
+                raise ValueError(f"{model_dir / 'vocab.txt'}, line {index + 1}: the token {token!r} is also "
+                                 f"on line {vocab[token] + 1}; a vocabulary lists each token once (its "
+                                 "line number is its id): use the model's own vocab.txt")
+            vocab[token] = index
         if "[CLS]" not in vocab or "[SEP]" not in vocab:
             raise ValueError(f"{model_dir / 'vocab.txt'}: no [CLS] or [SEP] token; not a BERT vocabulary")
         tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
@@ -634,6 +639,12 @@ def encode(tokenizer: Tokenizer, text_a: list[str], text_b: list[str] | None = N
     if text_b is not None and len(text_b) != len(text_a):
         raise ValueError(f"text_a has {len(text_a)} texts but text_b has {len(text_b)}")
     _set_truncation(tokenizer, max_length)
+    # NOTE: the tokenizer would split a whole 200 MB line before truncating it (tens of GB). A word piece
+    # comes from at most 100 characters (longer words are one [UNK]), so the first 200 * max_length
+    # characters hold every token that survives truncation, but in texts made mostly of space.
+    cut = 200 * max_length
+    text_a = [t[:cut] for t in text_a]
+    text_b = None if text_b is None else [t[:cut] for t in text_b]
     batch = text_a if text_b is None else list(zip(text_a, text_b))
     # encode_batch runs on Rust threads; the "fast" variant skips character offsets, which we do not use.
     encodings = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)(batch)
@@ -740,14 +751,17 @@ def batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(encoded: Encoded, indices: np.ndarray, pad_id: int = 0, multiple: int = 1) -> dict[str,
-                                                                                               torch.Tensor]:
+def collate(encoded: Encoded, indices: np.ndarray, pad_id: int = 0, multiple: int = 1,
+            limit: int | None = None) -> dict[str, torch.Tensor]:
     """The examples `indices` as a batch padded to its longest example (not to max_length), rounded up
-    to a multiple of `multiple` (8 on GPUs: few distinct shapes, each of which may cost a kernel plan)."""
+    to a multiple of `multiple` (8 on GPUs: few distinct shapes, each of which may cost a kernel plan) but
+    never past `limit`, the positions the model has for text (MTOP.max_text_length)."""
     indices = np.asarray(indices)
     starts = encoded.offsets[indices]                          # (B,)
     lengths = encoded.offsets[indices + 1] - starts            # (B,)
-    positions = np.arange(-(-lengths.max() // multiple) * multiple)  # (T,)
+    longest = int(lengths.max())
+    width = -(-longest // multiple) * multiple
+    positions = np.arange(min(width, max(longest, limit)) if limit else width)  # (T,)
     mask = positions < lengths[:, None]                        # (B, T) True on real tokens
     flat_index = np.where(mask, starts[:, None] + positions, 0)  # (B, T) into the flat arrays
     batch = {

@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from electra import Electra, ElectraConfig, check_keys
-from support.files import atomic_write, read_json
+from support.files import atomic_write, name_problem, read_json
 
 MODES = ("none", "separate", "concat", "stopgrad", "mtop")
 # Where the prompt vectors join the embedded text (a choice the paper leaves open; RESULTS.md compares them):
@@ -243,6 +243,14 @@ class MTOP(nn.Module):
         return (f"mode={self.mode!r}, tasks={len(self.tasks)}, task_prompt_len={self.task_prompt_len}, "
                 f"shared_prompt_len={self.shared_prompt_len}, prompt_entry={self.prompt_entry!r}, "
                 f"prompt_init={self.prompt_init!r}, pooling={self.prompts.pooling!r}")
+
+    @property
+    def max_text_length(self) -> int:
+        """Positions left for the text: the encoder's, less the prompts' with prompt entry "input-positions"
+        (batches padded for speed must stop there: glue_data.collate's limit)."""
+        taken = self.prompts.prompt_positions(len(self.tasks))
+        return self.encoder.config.max_position_embeddings - (taken if self.prompt_entry == "input-positions"
+                                                              else 0)
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         """Every prompt vector block: the N task prompts P_i (L, E) and the shared prompts (S, E)."""
@@ -460,6 +468,8 @@ def check_settings(settings: dict, path: Path) -> None:
         if not ok:
             raise ValueError(f"{path}: field 'tasks' item {i} is {str(task)[:60]!r}, not a [name, "
                              "num_labels] pair with num_labels from 1 to 100000")
+        if problem := name_problem(task[0]):  # names become file names: the task sets' rule
+            raise ValueError(f"{path}: field 'tasks' item {i}: the name {problem}")
     for key, kind in (("freeze_encoder", bool), ("encoder_config", dict), ("metadata", dict)):
         if key in settings and not isinstance(settings[key], kind):
             raise ValueError(f"{path}: field {key!r} must be a {kind.__name__}, got {settings[key]!r}")

@@ -178,7 +178,7 @@ class DynamicTaskScheduler:
         tasks = self.task_sizes
         alpha, steps = _saved_number(state, "alpha"), _saved_steps(state)
         q_values = {task: _saved_number(state, "q_values", task) for task in tasks}
-        counts = {task: _saved_number(state, "discounted_counts", task) for task in tasks}
+        counts = {task: _saved_number(state, "discounted_counts", task, most=1e12) for task in tasks}
         previous = None if state.get("previous_metrics") is None else {
             task: _saved_number(state, "previous_metrics", task) for task in tasks}
         _set_rng_state(self.rng, state.get("rng"))
@@ -297,21 +297,25 @@ def _check_saved(state: dict[str, Any], sampler: str, config: dict[str, Any]) ->
         raise ValueError(f"saved settings differ in {differing}: saved {saved}, here {config}")
 
 
-def _saved_number(state: dict[str, Any], key: str, task: str | None = None) -> float:
-    """A finite number of a saved state (a task's entry of a per-task table when task is given)."""
+def _saved_number(state: dict[str, Any], key: str, task: str | None = None,
+                  most: float | None = None) -> float:
+    """A finite number of a saved state (a task's entry of a per-task table when task is given); with
+    `most`, a count: from 0 to most."""
     value = state.get(key)
     if task is not None:
         value = value.get(task) if isinstance(value, dict) else None
+    where = key if task is None else f"{key}[{task!r}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        where = key if task is None else f"{key}[{task!r}]"
         raise ValueError(f"saved state: {where} is {value!r}, not a finite number")
+    if most is not None and not 0 <= value <= most:
+        raise ValueError(f"saved state: {where} is {value!r}, not a count from 0 to {most:g}")
     return float(value)
 
 
 def _saved_steps(state: dict[str, Any]) -> int:
     steps = state.get("steps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"saved state: steps is {steps!r}, not a whole number >= 0")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 10**12:
+        raise ValueError(f"saved state: steps is {steps!r}, not a whole number from 0 to 10**12")
     return steps
 
 

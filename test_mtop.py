@@ -17,11 +17,14 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import types
+import unittest.mock as unittest_mock
 import warnings
 import zipfile
 from collections import Counter
@@ -433,6 +436,67 @@ def test_hub_download_caches_and_loads(tmp_path, hub, pickled):
     electra.Electra.from_pretrained("org/tiny", cache_dir=cache, hub_url=url)
 
 
+def tiny_bert_config() -> "transformers.BertConfig":
+    return transformers.BertConfig(vocab_size=TINY["vocab_size"], hidden_size=TINY["hidden_size"],
+                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   max_position_embeddings=64)
+
+
+def bert_outputs(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our encoder's and transformers' BertModel's last hidden states for one padded batch of the folder."""
+    ids, mask, types = padded_batch(TINY["vocab_size"])
+    ours = electra.Electra.from_pretrained(folder).eval()
+    reference = transformers.BertModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        return ours(ids, mask, types), reference(ids, attention_mask=mask, token_type_ids=types)[0]
+
+
+def test_layernorm_gamma_and_beta_load_as_weight_and_bias(tmp_path):
+    """A BERT checkpoint whose LayerNorms are named gamma/beta (TensorFlow exports) loads as transformers
+    loads it (the reference: its outputs); a file naming one parameter twice is refused."""
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_bert_config(), add_pooling_layer=False).save_pretrained(tmp_path / "new")
+    state = load_file(str(tmp_path / "new" / "model.safetensors"))
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in state.items()}
+    assert sum(k.endswith(("gamma", "beta")) for k in renamed) == 2 * (1 + 2 * 2)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    save_file(renamed, str(tmp_path / "old" / "model.safetensors"), metadata={"format": "pt"})
+    ours, reference = bert_outputs(tmp_path / "old")
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, bert_outputs(tmp_path / "new")[0], atol=0, rtol=0)
+    both = renamed | {"embeddings.LayerNorm.weight": state["embeddings.LayerNorm.weight"].clone()}
+    save_file(both, str(tmp_path / "old" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="both name 'embeddings.LayerNorm.weight'; keep one"):
+        electra.Electra.from_pretrained(tmp_path / "old")
+
+
+def test_a_hub_model_with_only_a_tied_masked_lm_bin_downloads_and_loads(tmp_path, hub):
+    """A repo that ships only pytorch_model.bin of a BertForMaskedLM (its decoder tied to the word
+    embeddings, so two keys share memory) is converted without the keys the encoder never reads and
+    loads to transformers' own outputs."""
+    root, url = hub
+    torch.manual_seed(0)
+    masked_lm = transformers.BertForMaskedLM(tiny_bert_config())
+    state = masked_lm.state_dict()
+    tied = ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
+    assert state[tied[0]].data_ptr() == state[tied[1]].data_ptr()  # what safetensors refuses to save
+    folder = root / "org" / "mlm" / "resolve" / "main"
+    folder.mkdir(parents=True)
+    masked_lm.config.to_json_file(folder / "config.json")
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    torch.save(state, folder / "pytorch_model.bin")
+    cache = tmp_path / "cache"
+    electra.Electra.from_pretrained("org/mlm", cache_dir=cache, hub_url=url)
+    downloaded = cache / "models" / "org--mlm"
+    assert not any(k.startswith("cls.") for k in load_file(str(downloaded / "model.safetensors")))
+    ids, mask, types = padded_batch(TINY["vocab_size"])
+    with torch.no_grad():
+        ours = electra.Electra.from_pretrained(downloaded).eval()(ids, mask, types)
+        reference = masked_lm.eval().bert(ids, attention_mask=mask, token_type_ids=types)[0]
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_failed_download_leaves_nothing_in_the_cache(tmp_path, hub):
     """A repo whose weights are missing fails with the URL named and no partial folder left."""
     root, url = hub
@@ -712,7 +776,7 @@ def test_a_multi_label_column_makes_a_task_per_name_in_train_unless_labels_choos
     ({"separator": ""}, "'separator' be a non-empty string"),
     ({"type": "regression"}, "leave out 'type'"),
     ({"labels": ["sport", "sport"]}, "must list different label names"),
-    ({"labels": ["a/b"]}, "that can name a file"),
+    ({"labels": ["a/b"]}, "holds '/'; a task name can name a file"),
     ({"name": "x"}, "unknown key ['name']"),
     ({"label_columns": ["sport"]}, "unknown key"),
 ])
@@ -887,6 +951,27 @@ def test_batch_order_is_deterministic_and_uses_each_index_once():
     for batches in (first, other_epoch, glue_data.batch_order(lengths, 16, 7, 2, shuffle=False)):
         assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(2003))
         assert max(len(batch) for batch in batches) == 16
+
+
+def test_rounding_up_a_batch_stops_at_the_positions_the_model_has(monkeypatch):
+    """GPU batches are rounded up to a multiple of 8, but never past MTOP.max_text_length: with prompts at
+    positions 0..P-1 ("input-positions") and the longest text the checks allow, labelling and a training
+    step run where 8-rounding alone would index past the position table (hand count: 32 positions, P =
+    3 * 3 + 5 = 14, so 18 for text; a 17-token text rounds to 24 without the limit, to 18 with it)."""
+    model = tiny_mtop("mtop", prompt_entry="input-positions")
+    assert model.max_text_length == 32 - (3 * 3 + 5) == 18
+    ids = np.arange(4, 4 + 17, dtype=np.int32)
+    encoded = glue_data.Encoded(ids, np.zeros(17, np.int8), np.array([0, 17]), np.array([1]))
+    assert glue_data.collate(encoded, [0], multiple=8)["input_ids"].shape == (1, 24)
+    assert glue_data.collate(encoded, [0], multiple=8, limit=18)["input_ids"].shape == (1, 18)
+    assert glue_data.collate(encoded, [0], multiple=8, limit=30)["input_ids"].shape == (1, 24)
+    monkeypatch.setattr(labelling, "pad_multiple", lambda device: 8)  # the GPU's rounding, on the CPU
+    labelling.predict_encoded(model, "cola", encoded, None, "cpu", "fp32")
+    stream = train.TaskStream(encoded, np.array([0]), 1, 0, multiple=8, limit=model.max_text_length)
+    batch = stream.next()
+    assert batch["input_ids"].shape == (1, 18)
+    model.loss(model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], "cola"),
+               batch["labels"], "cola").backward()
 
 
 def test_bucketed_batches_hold_little_padding(minilm_tokenizer):
@@ -2097,6 +2182,34 @@ def test_evaluation_probes_and_test_files_of_tasks_on_one_file_take_one_pass(tin
         assert all(len(z.read(name).decode().splitlines()) == 1 + 16 for name in z.namelist())
 
 
+@pytest.mark.parametrize("extra, expected", [
+    ([], [{"lr": r} for r in (5e-4, 1e-3, 1e-3, 5e-4)]),
+    (["--prompt-lr", "1e-2", "--head-lr", "3e-3"],
+     [{"lr": r, "prompt_lr": 10 * r, "head_lr": 3 * r} for r in (5e-4, 1e-3, 1e-3, 5e-4)]),
+    (["--freeze-encoder", "--prompt-lr", "1e-3"], [{"lr": r} for r in (5e-4, 1e-3, 1e-3, 5e-4)]),
+])
+def test_each_step_logs_the_learning_rates_it_used(tiny_model, token_cache, tmp_path, extra, expected):
+    """log.jsonl's step k holds the rates step k trained with, worked by hand from the schedule (4 steps,
+    warm-up int(0.5 * 4) = 2: k/2 up to 1, then (4 - k + 1)/2): the backbone's, and the prompts' and
+    heads' where they differ; they match the optimizer's own rate at each step."""
+    out = tmp_path / "run"
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(sorted({g["lr"] for g in self.param_groups}))
+        return real_step(self, *args, **kwargs)
+    with unittest_mock.patch.object(torch.optim.AdamW, "step", recording_step):
+        train.main(run_args(tiny_model, token_cache, out, "--tasks", "RTE,STS-B", "--lr", "1e-3", "--warmup",
+                            "0.5", "--max-steps", "4", "--no-test", "--sampler", "uniform", *extra))
+    steps = [json.loads(line) for line in open(out / "log.jsonl") if '"step"' in line and '"loss"' in line]
+    logged = [{k: v for k, v in r.items() if k.endswith("lr")} for r in steps]
+    assert len(logged) == len(expected) == len(seen) == 4
+    for record, by_hand, used in zip(logged, expected, seen):
+        assert record == pytest.approx(by_hand, rel=1e-9)
+        assert sorted(set(record.values())) == pytest.approx(used, rel=1e-9)
+
+
 def test_heldout_probe_rows_are_left_out_of_training(tiny_model, token_cache):
     """--probe-on heldout probes on a seeded slice of train that training never sees (section 4.6)."""
     args = train.parse_args(run_args(tiny_model, token_cache, "unused", "--probe-on", "heldout",
@@ -2308,6 +2421,37 @@ def test_resume_refuses_changed_training_data(tiny_model, token_cache, tmp_path)
         train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))
 
 
+@pytest.mark.parametrize("change, expected", [
+    ("dev label", "the dev data of nli changed"),
+    ("dev text", "the dev data of nli changed"),
+    ("metric", "the definition (type, labels, metrics, columns) of nli changed"),
+    ("missing", "the definition (type, labels, metrics, columns) of sim changed"),
+])
+def test_resume_refuses_changed_dev_data_and_task_definitions(tiny_model, tmp_path, change, expected):
+    """Between a stop and --resume, a flipped dev label, an edited dev text or a changed task definition
+    would change the run's evaluations (and DTS's rewards): the resume is refused, naming what changed.
+    A checkpoint written before these digests existed resumes on the training data's alone."""
+    world = make_world(tmp_path / "w", tiny_model)
+    flags = world["flags"] + ["--max-steps", "4"]
+    train.main(flags + ["--stop-after", "2"])
+    dev = tmp_path / "w" / "data" / "dev.tsv"
+    rows = [line.split("\t") for line in dev.read_text().splitlines()]
+    if change == "dev label":
+        rows[1][2] = {"yes": "no", "no": "yes"}[rows[1][2]]
+    elif change == "dev text":
+        rows[3][1] = "an edited claim"
+    if change.startswith("dev"):
+        dev.write_text("".join("\t".join(r) + "\n" for r in rows))
+    else:
+        edit_json(tmp_path / "w" / "tasks.json", lambda spec: spec["tasks"][0 if change == "metric" else 1]
+                  .update({"metric": "mcc"} if change == "metric" else {"missing": ["-"]}))
+    with pytest.raises(SystemExit, match=re.escape(expected)):
+        train.main(flags + ["--resume"])
+    checkpoint = tmp_path / "w" / "run" / run_state.CHECKPOINT
+    edit_checkpoint(checkpoint, lambda s: s.update(data={k: v for k, v in s["data"].items() if "/" not in k}))
+    train.main(flags + ["--resume"])  # an older checkpoint: only the training data is compared
+
+
 def test_diverging_run_stops_and_keeps_no_nonfinite_weights(tiny_model, token_cache, tmp_path):
     """--lr 1e10: the run stops with a message naming the step and task, and exits non-zero; no file under
     the run folder holds a NaN or infinite weight."""
@@ -2506,6 +2650,25 @@ def predict_case(corpus: str | bytes | None, expected: str, extra=(), trained=Tr
     return case
 
 
+def uppercased(tokens: list[str], start: int) -> list[str]:
+    """The tokens from `start` on in capitals where that makes no repeated token (a repeat is refused)."""
+    taken = set(tokens)
+    out = tokens[:start]
+    for token in tokens[start:]:
+        upper = token.upper()
+        out.append(upper if upper not in taken else token)
+        taken.add(upper)
+    return out
+
+
+def deep_jsonl_case(w):
+    path = w["root"] / "corpus.jsonl"
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    shutil.copytree(w["trained"], w["root"] / "best")
+    argv = ["--predict", str(path), "--checkpoint", str(w["root"] / "best")]
+    return argv, "corpus.jsonl:1: not a JSON object"
+
+
 BAD_HEADER = "premise\thypothesis\tlabel\tscore\n"
 BAD_INPUTS = {
     # flags (argparse stops with exit status 2 and names the flag)
@@ -2546,7 +2709,7 @@ BAD_INPUTS = {
                                                      "metric ['pearson']"),
     "task three texts": task_change(lambda t: t[0].update(text=["a", "b", "c"]), "'text' must be"),
     "task text is the label": task_change(lambda t: t[0].update(label="premise"), "the columns must differ"),
-    "task name with a slash": task_change(lambda t: t[0].update(name="a/b"), "'name' must be"),
+    "task name with a slash": task_change(lambda t: t[0].update(name="a/b"), "'name' 'a/b' holds '/'"),
     "task name empty": task_change(lambda t: t[0].update(name=""), "'name' must be"),
     "task duplicate names": task_change(lambda t: t[1].update(name="NLI"), "must be unique"),
     "task labels on regression": task_change(lambda t: t[1].update(labels=["a", "b"]), "'labels' is only"),
@@ -2658,10 +2821,8 @@ BAD_INPUTS = {
     "model config 100000 layers": model_change(
         lambda m: edit_json(m / "config.json", lambda c: c.update(num_hidden_layers=100_000)),
         "num_hidden_layers must be a whole number from 1 to 256"),
-    "model cased vocabulary without casing": model_change(
-        lambda m: (m / "vocab.txt").write_text("\n".join(
-            w.upper() if i > 2000 else w for i, w in enumerate((m / "vocab.txt").read_text().split("\n")))),
-        "has capital letters"),
+    "model cased vocabulary without casing": model_change(lambda m: (m / "vocab.txt").write_text("\n".join(
+        uppercased((m / "vocab.txt").read_text().split("\n"), 2000))), "has capital letters"),
     "model casing not a boolean": model_change(
         lambda m: (m / "tokenizer_config.json").write_text('{"do_lower_case": "no"}'),
         "do_lower_case must be true or false"),
@@ -2689,6 +2850,32 @@ BAD_INPUTS = {
         b / "mtop.json", lambda s: s["metadata"].update(max_length=-1))),
     "predict config of 2^40 units": predict_case("text\nA\n", "hidden_size must be", edit=lambda b: edit_json(
         b / "mtop.json", lambda s: s["encoder_config"].update(hidden_size=2**40))),
+    # issue 27: a repeated vocabulary token; task names that cannot name a file; the new --predict flags
+    "model vocab with a repeated token": model_change(lambda m: (m / "vocab.txt").write_text(
+        "\n".join((lines := (m / "vocab.txt").read_text().split("\n"))[:1001] + lines[1000:])),
+        "line 1002: the token"),
+    "task name with a line break": task_change(lambda t: t[0].update(name="a\nb"), "holds '\\n'"),
+    "task name of 300 characters": task_change(lambda t: t[0].update(name="x" * 300),
+                                               "is 300 characters long"),
+    "predict mtop.json task name '..'": predict_case("text\nA\n", "the name is '..'", edit=lambda b:
+        edit_json(b / "mtop.json", lambda s: s["tasks"][0].__setitem__(0, ".."))),
+    "predict id column absent": predict_case("text\nA\n", "no column 'id'", extra=("--id-column", "id")),
+    "predict id column is the text": predict_case("text\nA\n", "also a text column",
+                                                  extra=("--id-column", "text", "--text-columns", "text")),
+    "predict the same text column twice": predict_case("text\nA\n", "names 'text' twice",
+                                                       extra=("--text-columns", "text,text")),
+    "flag --seed -1": bad_flag("--seed", "-1"),
+    "flag --seed 2**40": bad_flag("--seed", str(2**40)),
+    "flag --predict-chunk 10**30": bad_flag("--predict-chunk", str(10**30)),
+    "predict mtop.json nested 100,000 deep": predict_case("text\nA\n", "nested too deeply", edit=lambda b:
+        (b / "mtop.json").write_text("[" * 100_000 + "]" * 100_000)),
+    "predict corpus line nested 100,000 deep": lambda w: deep_jsonl_case(w),
+    "labels that would overflow mtop.json": task_change(lambda t: t[2].update(
+        labels=["yes", "no"] + [f"label {i} " + "x" * 240 for i in range(5_000)]), "over its limit"),
+    "predict a task that is not there": predict_case("text\nA\n", "no task 'topic'",
+                                                     extra=("--predict-tasks", "topic")),
+    "predict a pair task on one text": predict_case("text\nA\n", "'nli' reads sentence pairs",
+                                                    extra=("--predict-tasks", "nli")),
 }
 
 
@@ -2870,8 +3057,9 @@ def cased_folder(tmp_path: Path, config: dict | None) -> Path:
     folder = tmp_path / "cased"
     folder.mkdir()
     words = [w for w in (minilm_folder() / "vocab.txt").read_text(encoding="utf-8").split("\n") if w]
-    (folder / "vocab.txt").write_text("\n".join(words + [w.capitalize() for w in words[2000:3000]]
-                                                + ["Paris", "US", "Café"]) + "\n", encoding="utf-8")
+    capitalized = [c for c in dict.fromkeys(w.capitalize() for w in words[2000:3000]) if c not in set(words)]
+    (folder / "vocab.txt").write_text("\n".join(words + capitalized + ["Paris", "US", "Café"]) + "\n",
+                                      encoding="utf-8")  # each token once: a repeat is refused
     if config is not None:
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
@@ -3027,6 +3215,13 @@ def edit_checkpoint(path: Path, change) -> None:
     (lambda s: s["streams"]["nli"].update(position=-2), "streams.nli is"),
     (lambda s: s.update(rng=[]), "holds 0 generator states for 1 processes"),
     (lambda s: s["model"].update({"extra.weight": s["model"]["heads.0.dense.weight"]}), "does not fit"),
+    # issue 27: every count and rate bounded, as param_groups.lr is
+    (lambda s: s["optimizer"]["param_groups"][0].update(initial_lr=-1.0), "param_groups.initial_lr is -1.0"),
+    (lambda s: s["lr_schedule"].update(base_lrs=[-1.0] * len(s["lr_schedule"]["base_lrs"])),
+     "lr_schedule.base_lrs holds -1.0"),
+    (lambda s: s["lr_schedule"].update(last_epoch=10**30), "lr_schedule.last_epoch is 10000"),
+    (lambda s: s["sampler"].update(steps=10**30), "steps is 10000"),
+    (lambda s: s["streams"]["nli"].update(epoch=10**30), "streams.nli is"),
 ])
 def test_a_checkpoint_state_out_of_range_is_one_message(stopped_run, tmp_path, change, message):
     """Each field of the checkpoint's state is checked before any of it is used: a wrong type, a range or
@@ -3040,6 +3235,24 @@ def test_a_checkpoint_state_out_of_range_is_one_message(stopped_run, tmp_path, c
     with pytest.raises(SystemExit, match=re.escape(message)):
         train.main(argv)
     assert (copy / run_state.CHECKPOINT).read_bytes() == before  # nothing trained, nothing written
+
+
+def test_a_checkpoint_tensor_of_another_dtype_is_refused_not_cast(stopped_run, tmp_path):
+    """A checkpoint whose word embeddings are stored as int8 (crafted, or from another program) would be
+    cast into the fp32 model without a word: it is refused, naming the tensor and both dtypes."""
+    run, flags = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    path = copy / run_state.CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.endswith("word_embeddings.weight") and k.startswith("t.model"))
+    tensors[key] = tensors[key].to(torch.int8)
+    save_file(tensors, str(path), metadata=metadata)
+    argv = [f if f != str(run) else str(copy) for f in flags] + ["--resume", "--no-test"]
+    with pytest.raises(SystemExit, match="encoder.word_embeddings.weight is torch.int8, the model's is "
+                                         "torch.float32"):
+        train.main(argv)
 
 
 def test_a_checkpoint_older_than_a_flag_resumes_at_the_flags_old_behaviour(stopped_run, tmp_path):
@@ -3090,8 +3303,13 @@ def test_leftovers_of_killed_writes_are_cleaned_up_by_the_next_run(stopped_run, 
     shutil.copytree(run, copy)
     stale = copy / f".{run_state.CHECKPOINT}.abc123.tmp"
     stale.write_bytes(b"\0" * 1000)
+    own = copy / ".tmpAb3xYz"  # safetensors' own temporary file, which it renames when complete
+    own.write_bytes(b"\0" * 1000)
+    kept = copy / "notes.tmp"  # not a temporary file of ours or safetensors': left alone
+    kept.write_text("mine")
     train.main([f if f != str(run) else str(copy) for f in flags] + ["--resume", "--stop-after", "1"])
-    assert not stale.exists() and "left by a write that was killed" in capsys.readouterr().out
+    assert not stale.exists() and not own.exists() and kept.exists()
+    assert "left by a write that was killed" in capsys.readouterr().out
     # best/ caught between its renames: the clean-up alone puts it back (a later evaluation would hide it)
     best = (copy / "best" / "model.safetensors").read_bytes()
     (copy / "best").rename(copy / "best.old")
@@ -3249,6 +3467,102 @@ def test_kill_during_predict_leaves_the_previous_output_whole(tiny_model, traine
     assert died.returncode == 9 and target.read_text() == whole
 
 
+# -- faults: one process per run folder and output; SIGTERM and Ctrl-C stop cleanly ----------------------
+
+def hold_in_child(lock: Path) -> subprocess.Popen:
+    """A separate process that holds `lock` (support.files.held) until it is killed."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from support.files import held\nwith held(Path({str(lock)!r}), 'x'):\n"
+            "    print('held', flush=True)\n    time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_run_folder_and_an_output_are_held_by_one_process_at_a_time(tiny_model, trained_folder, tmp_path):
+    """While one process holds a run folder (or a --predict output), a second stops with one message
+    naming it and the holder's pid, before any work and without touching it; once the holder is killed
+    (SIGKILL: no clean-up), the lock is free again. Two trainings started together in one folder: one
+    trains, the other is refused."""
+    world = make_world(tmp_path / "w", tiny_model)
+    out = tmp_path / "w" / "run"
+    holder = hold_in_child(tmp_path / "w" / ".run.lock")
+    with pytest.raises(SystemExit, match=rf"--output-dir {re.escape(str(out))} is in use by another process "
+                                         rf"\(pid {holder.pid}\)"):
+        train.main(world["flags"])
+    assert not out.exists()
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("text\nA\n")
+    target = tmp_path / "labels.jsonl"
+    predict = ["--predict", str(corpus), "--checkpoint", str(trained_folder), "--predict-output", str(target)]
+    output_holder = hold_in_child(tmp_path / ".labels.jsonl.lock")
+    with pytest.raises(SystemExit, match="--predict-output .* is in use by another process"):
+        train.main(predict)
+    for child in (holder, output_holder):
+        child.kill()
+        child.wait()
+    train.main(predict)
+    assert target.exists() and not list(tmp_path.glob(".labels*"))  # the lock file goes with its holder
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), *world["flags"], "--max-steps", "40"]
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    ended = [(p.wait(timeout=300), p.stderr.read()) for p in both]
+    assert sorted(code for code, _ in ended) == [0, 1]
+    assert "is in use by another process" in next(err for code, err in ended if code == 1)
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl") if '"loss"' in line]
+    assert steps == list(range(1, 41))  # one run's steps, once each
+
+
+def signal_when(process: subprocess.Popen, ready, number: int) -> None:
+    """Send the signal once ready() holds (polled every 50 ms, for at most 120 s)."""
+    deadline = time.time() + 120
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(number)
+
+
+@pytest.mark.parametrize("number, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_bitwise(tiny_model, tmp_path,
+                                                                                   number, code):
+    """A signal mid-run: the step in hand finishes, a checkpoint of it is written, the run says how to go
+    on and exits with 128 + the signal's number; --resume then ends bitwise equal to an unbroken run."""
+    world = make_world(tmp_path / "w", tiny_model)
+    flags = world["flags"] + ["--max-steps", "60", "--save-every", "1000"]
+    run_plain(flags + ["--output-dir", str(tmp_path / "unbroken")])
+    broken = flags + ["--output-dir", str(tmp_path / "broken")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *broken], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    log_file = tmp_path / "broken" / "log.jsonl"
+    signal_when(process, lambda: log_file.exists() and log_file.read_text().count('"loss"') >= 5, number)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == code, output[-2000:]
+    stopped = re.search(rf"stopped by {signal.Signals(number).name} after step (\d+), checkpoint written; "
+                        "continue with --resume", output)
+    assert stopped and 5 <= int(stopped.group(1)) < 60
+    state = run_state.load_checkpoint(tmp_path / "broken" / run_state.CHECKPOINT)
+    assert state["step"] == int(stopped.group(1))
+    run_plain(broken + ["--resume"])
+    a, b = (load_file(str(tmp_path / d / "best" / "model.safetensors")) for d in ("unbroken", "broken"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_during_predict_leaves_no_partial_output(trained_folder, tmp_path):
+    """--predict stopped by SIGTERM exits non-zero, with no output file and no temporary file left."""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("text\n" + "".join(f"text {i} " + "word " * (i % 50) + "\n" for i in range(20000)))
+    target = tmp_path / "out.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), "--predict", str(corpus), "--checkpoint",
+               str(trained_folder), "--predict-output", str(target), "--predict-chunk", "500"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    signal_when(process, lambda: (tmp_path / ".out.jsonl.tmp").exists(), signal.SIGTERM)
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 1 and "stopped by SIGTERM" in errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.tsv"]
+
+
 # -- the project as a whole: README's examples, the layering, the experiment driver ---------------------
 
 def test_readme_labelling_example_runs_as_written(trained_folder, tmp_path, monkeypatch):
@@ -3275,10 +3589,11 @@ def test_the_six_files_keep_their_layering():
     allowed = {"scheduler": set(), files: set(), system: set(), plot: set(), "electra": {files},
                "glue_data": {files}, "mtop": {"electra", files},
                "support.glue_download": {"glue_data", files},
-               "support.checks": {"glue_data", "electra", "mtop", "support.glue_download", system},
-               "support.run_state": {"mtop", files, system}, "support.submission": {"glue_data", files},
+               "support.checks": {"glue_data", "electra", "mtop", "support.glue_download", files, system},
+               "support.run_state": {"mtop", files, system},
+               "support.submission": {"glue_data", "mtop", files, "support.labelling", system},
                "support.labelling": {"glue_data", "mtop", system},
-               "support.corpus": {"glue_data", "support.checks", "support.labelling", system},
+               "support.corpus": {"glue_data", "support.checks", "support.labelling", files, system},
                "train": {"electra", "glue_data", "mtop", "scheduler", "support.checks", "support.labelling",
                          "support.corpus", plot, "support.run_state", "support.submission", system}}
     modules = {p.stem for p in ROOT.glob("*.py")} | {f"support.{p.stem}"

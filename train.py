@@ -6,16 +6,16 @@
     torchrun --nproc_per_node=2 train.py --task-set glue           # data parallel (NCCL or gloo)
 
 Read it top to bottom: the arguments; the data (one seeded, resumable batch stream per task); evaluation
-and the scheduler's probes; set-up (model, AdamW, sampler); one training step; the loop (train); the test
-predictions; main. Paper map:
+and the scheduler's probes; set-up (model, AdamW, sampler); one training step; the loop (train); main.
+Paper map:
     Algorithm 1 (probe every I steps, then choose a task per step) -> train()
     Algorithm 1, lines 7-9 (probe the metrics, update Q: Eq. 4)    -> probe_and_update()
     Algorithm 1, line 14 (train on task A_t for one step)          -> train_step()
     Eq. (5)-(6) choose a task; Eq. (7) epoch-dependent alpha       -> sampler.choose / sampler.set_epoch
-    Table 1 leaderboard files and average                          -> write_test_predictions(), evaluate()
+    Table 1's average; its leaderboard files                       -> evaluate(); support.submission
 The plumbing lives in support/ (README's map): the run's folder and checkpoints (support.run_state), the
 checks before any work and the downloads (support.checks), torchrun and memory (support.system),
-labelling a corpus and Labeller (support.labelling), the plot (support.plot).
+labelling (support.labelling, support.corpus), the leaderboard files (support.submission), the plot.
 References: MTOP (section 4.1 hyperparameters); google-research/electra (fine-tuning recipe).
 """
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -34,15 +36,16 @@ import glue_data
 import scheduler
 from electra import DEFAULT_CACHE, Electra
 from mtop import MODES, MTOP, POOLINGS, PROMPT_ENTRIES, PROMPT_INITS
-from support.checks import check_device, prepare_inputs, prompt_config, user_errors
+from support.checks import (check_device, check_metadata_size, output_dir_held, prepare_inputs,
+                            prompt_config, user_errors)
 # Labeller is re-exported: README's `from train import Labeller`
 from support.corpus import predict_corpus
 from support.labelling import Labeller, predict_tasks  # noqa: F401
 from support.plot import plot
 from support.run_state import NonFiniteError, Run, data_fingerprint
-from support.submission import write_submission
-from support.system import (autocast, broadcast, limit_heap_growth, log, pad_multiple, release_memory,
-                            setup_distributed)
+from support.submission import write_test_predictions
+from support.system import (StopSignals, autocast, broadcast, limit_heap_growth, log, pad_multiple,
+                            release_memory, setup_distributed)
 
 # -- arguments -------------------------------------------------------------------------------------
 
@@ -111,7 +114,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: each epoch)")
     g.add_argument("--save-every", type=int, default=1000,
                    help="steps between checkpoints (also at each eval)")
-    g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="steps between progress lines (and one at least every 30 s)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (CPU and CUDA)")
     g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.safetensors")
@@ -139,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_data_and_model_flags(p)
     add_training_flags(p)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for args.json's command (not a flag)
     for flag in ("batch_size", "interval", "epochs", "max_length", "log_every", "save_every",
                  "task_prompt_len", "predict_chunk"):
         if getattr(args, flag) < 1:
@@ -153,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
     if not args.lr > 0 or not 0 <= args.warmup < 1:
         p.error(f"--lr must be > 0 and --warmup in [0, 1), got {args.lr} and {args.warmup}")
+    for flag, most in (("seed", 2**31 - 1), ("predict_chunk", 10**7), ("batch_size", 10**6),
+                       ("max_steps", 10**9), ("epochs", 10**6), ("max_train_examples", 10**9)):
+        if getattr(args, flag) > most:  # far beyond any run; past it, numpy and C sizes overflow
+            p.error(f"--{flag.replace('_', '-')} must be at most {most}, got {getattr(args, flag)}")
+    if args.seed < 0:
+        p.error(f"--seed must not be negative, got {args.seed}")
     return args
 
 
@@ -163,9 +174,9 @@ class TaskStream:
     is the whole state: a resumed run regenerates exactly the batches it would have seen."""
 
     def __init__(self, encoded: glue_data.Encoded, indices: np.ndarray, batch_size: int, seed: int,
-                 multiple: int = 1):
+                 multiple: int = 1, limit: int | None = None):
         self.encoded, self.indices, self.batch_size, self.seed = encoded, indices, batch_size, seed
-        self.multiple = multiple  # pad lengths to a multiple of this (see pad_multiple)
+        self.multiple, self.limit = multiple, limit  # padded lengths: glue_data.collate
         self.epoch, self.position, self._order = 0, 0, None
 
     def order(self) -> list[np.ndarray]:
@@ -182,7 +193,7 @@ class TaskStream:
             if turn == rank:
                 batch = self.order()[self.position]
             self.position += 1
-        return glue_data.collate(self.encoded, self.indices[batch], multiple=self.multiple)
+        return glue_data.collate(self.encoded, self.indices[batch], multiple=self.multiple, limit=self.limit)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -289,21 +300,27 @@ def probe_and_update(model: MTOP, sampler, tasks, data, args, run: Run) -> None:
             "metrics (every --interval steps)", run.rank)
     metrics = broadcast(probe(model, tasks, data, args) if run.rank == 0 else None, run.world)
     sampler.update(metrics)
-    run.log.write(event="probe", step=run.step, metrics=metrics, scheduler=sampler.state_dict())
+    state = {k: v for k, v in sampler.state_dict().items() if k != "rng"}  # the rng: in the checkpoint
+    run.log.write(event="probe", step=run.step, metrics=metrics, scheduler=state)
+    run.timed["probe"] = time.perf_counter() - started
     log(f"probe at step {run.step}: " + " | ".join(f"{n} {100 * m:.1f}" for n, m in metrics.items())
-        + f" [{time.perf_counter() - started:.0f}s]", run.rank)
+        + f" [{run.timed['probe']:.0f}s]", run.rank)
 
 
 def dev_evaluation(model: MTOP, tasks, data, args, run: Run) -> dict:
     """Rank 0: evaluate on every dev split, log the result (log.jsonl and a line) and return it."""
-    rows = sum(len(e) for t in tasks for e in data[t.name]["dev"].values())
-    log(f"evaluating at step {run.step} on {rows} dev rows")
+    splits = [e for t in tasks for e in data[t.name]["dev"].values()]
+    texts = sum({e.texts or id(e): len(e) for e in splits}.values())  # tasks on one text share it
+    log(f"evaluating at step {run.step} on {texts} dev texts ({sum(len(e.labelled) for e in splits)} "
+        "labels)")
+    started = time.perf_counter()
     release_memory()  # the training steps' freed blocks, before the evaluation's
     result = evaluate(model, tasks, data, args)
     run.log.write(event="eval", step=run.step, **result)
-    log(f"dev at step {run.step}: average {100 * result['average']:.2f} (Table 1's: "
-        f"{100 * result['paper_average']:.2f}) | " + " | ".join(
-            f"{n} {100 * s:.2f}" for n, s in result["scores"].items()))
+    run.timed["eval"] = time.perf_counter() - started
+    table1 = f" (Table 1's: {100 * result['paper_average']:.2f})" if args.task_set == "glue" else ""
+    log(f"dev at step {run.step}: average {100 * result['average']:.2f}{table1} | " + " | ".join(
+            f"{n} {100 * s:.2f}" for n, s in result["scores"].items()) + f" [{run.timed['eval']:.0f}s]")
     if result["one_class"]:
         log("warning: one class for every dev row: " + ", ".join(
             f"{n} ({label!r})" for n, label in result["one_class"].items()) + "; their scores are no skill")
@@ -318,6 +335,7 @@ def set_up(args, rank: int, world: int, device: str):
     tasks, model_dir, model_folder, tokenizer = prepare_inputs(args, rank, world, device)
     with user_errors():
         data = load_data(args, tasks, tokenizer, rank)
+        check_metadata_size(model_metadata(tasks, data, args), len(tasks))
         model = MTOP(Electra.from_pretrained(model_dir), [(t.name, t.num_labels) for t in tasks],
                      prompt_config(args), args.freeze_encoder).to(device)
     return tasks, data, model, model_folder
@@ -346,6 +364,18 @@ def make_optimizer(model: MTOP, args, total_steps: int):
     lr_at = lambda step: min((step + 1) / max(1, warmup),  # linear warm-up, then linear decay to 0
                              max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def step_rates(model: MTOP, optimizer) -> dict[str, float]:
+    """The learning rates of the coming step, for its log record: the backbone's ("lr"), and the prompts'
+    ("prompt_lr") and heads' ("head_lr") where they differ from it (--prompt-lr, --head-lr)."""
+    prompts, heads = {id(p) for p in model.prompt_parameters()}, {id(p) for p in model.heads.parameters()}
+    found = {"lr": [], "prompt_lr": [], "head_lr": []}
+    for group in optimizer.param_groups:  # told apart by their parameters (make_optimizer's groups)
+        first = id(group["params"][0])
+        found["prompt_lr" if first in prompts else "head_lr" if first in heads else "lr"].append(group["lr"])
+    backbone = (found["lr"] or found["head_lr"] or found["prompt_lr"])[0]  # --freeze-encoder: the heads'
+    return {"lr": backbone} | {k: v[0] for k, v in found.items() if k != "lr" and v and v[0] != backbone}
 
 
 def make_sampler(args, tasks: list[glue_data.Task], data: dict):
@@ -380,6 +410,19 @@ def start_process(args) -> tuple[int, int, str]:
     random.seed(args.seed)
     np.random.seed(args.seed)
     return rank, world, device
+
+
+def describe_run(args, tasks, model: MTOP, total_steps: int, steps_per_epoch: int, world: int, rank: int):
+    """The run's first line after set-up, and a warning when DTS would probe only once (short runs)."""
+    log(f"training {len(tasks)} tasks for {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of "
+        f"{steps_per_epoch} steps), mode {args.mode}, sampler {args.sampler}, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters, "
+        f"{args.device} {args.dtype}, {world} process(es)", rank)
+    if args.sampler == "dts" and total_steps <= args.interval:  # one probe: Q never moves off 0
+        log(f"warning: DTS probes every --interval {args.interval} steps, so in {total_steps} steps it "
+            "probes once, at step 0, never updates its task values (Eq. 4) and hands out tasks in a fixed "
+            f"rotation: give --interval {max(1, total_steps // 5)} for about five probes, or --sampler "
+            "proportional", rank)
 
 
 # -- one training step ------------------------------------------------------------------------------
@@ -426,81 +469,50 @@ def train(args: argparse.Namespace) -> dict:
     optimizer, lr_schedule = make_optimizer(model, args, total_steps)
     sampler = make_sampler(args, tasks, data)
     streams = {t.name: TaskStream(data[t.name]["train"], data[t.name]["train_idx"], args.batch_size,
-                                  args.seed + i, pad_multiple(device)) for i, t in enumerate(tasks)}
+                                  args.seed + i, pad_multiple(device), model.max_text_length)
+               for i, t in enumerate(tasks)}
     parts = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "sampler": sampler,
              "streams": streams}
     run = Run(args, parts, data_fingerprint(tasks, data), rank, world, device)  # new, or resumed
     metadata, eval_every = model_metadata(tasks, data, args), args.eval_every or steps_per_epoch
-    log(f"training {len(tasks)} tasks for {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of "
-        f"{steps_per_epoch} steps), mode {args.mode}, sampler {args.sampler}, "
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters, "
-        f"{device} {args.dtype}, {world} process(es)", rank)
-    while run.step < total_steps:
-        if args.sampler == "dts" and run.step % args.interval == 0:
-            probe_and_update(model, sampler, tasks, data, args, run)  # lines 7-9: Eq. (4)
-        epoch = 1 + run.step // steps_per_epoch
-        sampler.set_epoch(epoch, epochs)  # alpha of Eq. (7)
-        task = sampler.choose()  # Eq. (6), and n of Eq. (5)
-        started = time.perf_counter()
-        model.train()
-        batch = streams[task].next(rank, world)
-        with run.stop_if_diverged():  # line 14: one step on task A_t
-            loss = train_step(model, ddp, optimizer, batch, task, data[task]["scale"], device, args.dtype,
-                              args.max_grad_norm)
-        lr_schedule.step()
-        run.step_done(task, loss, batch, time.perf_counter() - started, lr_schedule.get_last_lr()[-1])
-        run.progress(total_steps, epoch, epochs)
-        if rank == 0 and (run.step % eval_every == 0 or run.step == total_steps):
-            run.keep_if_best(dev_evaluation(model, tasks, data, args, run), metadata, model_folder)
-        stop = bool(args.stop_after) and run.invocation_steps >= args.stop_after and run.step < total_steps
-        if run.step % eval_every == 0 or run.step % args.save_every == 0 or run.step == total_steps or stop:
-            run.save()
-        if stop:
-            log(f"stopping after {run.invocation_steps} steps; continue with --resume", rank)
-            break
+    describe_run(args, tasks, model, total_steps, steps_per_epoch, world, rank)
+    signalled = 0
+    with StopSignals() as signals:  # SIGTERM or Ctrl-C: finish the step, write a checkpoint, leave
+        while run.step < total_steps:
+            if args.sampler == "dts" and run.step % args.interval == 0:
+                probe_and_update(model, sampler, tasks, data, args, run)  # lines 7-9: Eq. (4)
+            epoch = 1 + run.step // steps_per_epoch
+            sampler.set_epoch(epoch, epochs)  # alpha of Eq. (7)
+            task = sampler.choose()  # Eq. (6), and n of Eq. (5)
+            started = time.perf_counter()
+            model.train()
+            batch = streams[task].next(rank, world)
+            rates = step_rates(model, optimizer)  # what this step uses, before the schedule moves on
+            with run.stop_if_diverged():  # line 14: one step on task A_t
+                loss = train_step(model, ddp, optimizer, batch, task, data[task]["scale"], device, args.dtype,
+                                  args.max_grad_norm)
+            lr_schedule.step()
+            run.step_done(task, loss, batch, time.perf_counter() - started, rates)
+            run.progress(total_steps, epoch, epochs, eval_every)
+            if rank == 0 and (run.step % eval_every == 0 or run.step == total_steps):
+                run.keep_if_best(dev_evaluation(model, tasks, data, args, run), metadata, model_folder)
+            left = run.step < total_steps
+            stop = bool(args.stop_after) and run.invocation_steps >= args.stop_after and left
+            signalled = signals.requested(world, device) if left else 0
+            if run.step % eval_every == 0 or run.step % args.save_every == 0 or not left or stop or signalled:
+                run.save()
+            if stop or signalled:
+                why = f"stopped by {signal.Signals(signalled).name}" if signalled else "stopping"
+                log(f"{why} after step {run.step}, checkpoint written; continue with --resume", rank)
+                break
     run.finish()  # under torchrun: every rank's fingerprint; then rank 0 alone goes on
+    if signalled:
+        raise SystemExit(128 + signalled)  # the shell's code for a process ended by that signal
     finished = rank == 0 and run.step == total_steps
     if finished:
         log(f"best dev average {100 * run.best['average']:.2f} at step {run.best['step']}", rank)
     return {"step": run.step, "losses": run.losses, "best": run.best, "history": run.history,
             "tasks": tasks, "finished": finished}
-
-
-# -- test predictions -------------------------------------------------------------------------------
-
-def write_test_predictions(out: Path, tasks: list[glue_data.Task], args) -> None:
-    """The best checkpoint's test predictions as leaderboard files (AX through the MNLI head, WNLI
-    as its train majority class when it was not trained)."""
-    model, metadata = MTOP.load(out / "best", map_location=args.device)
-    scales = {t["name"]: t["scale"] for t in metadata["tasks"]}
-    tokenizer = glue_data.load_tokenizer(out / "best")
-    cache = Path(args.cache_dir).expanduser() / "tokens"
-    jobs = [(t, t, split) for t in tasks for split in t.test_splits]
-    if "MNLI" in model.num_labels and "AX" in glue_data.GLUE_TASKS and args.task_set == "glue":
-        jobs.append((glue_data.GLUE_TASKS["AX"], next(t for t in tasks if t.name == "MNLI"), "test"))
-    requests, keys, shared = [], [], {}  # tasks on one test file are predicted from one pass
-    for source, head, split in jobs:
-        if glue_data.missing_files([source], args.data_dir, splits=(split,)):
-            log(f"no {source.name} {split} file: left out of the submission")
-            continue
-        encoded = glue_data.load_encoded(source, split, args.data_dir, tokenizer, args.max_length, cache,
-                                         shared)
-        log(f"test predictions: {source.name} {split}, {len(encoded)} rows")
-        requests.append((head.name, encoded, np.arange(len(encoded))))
-        keys.append(f"{source.name}/{split}")
-    predictions = dict(zip(keys, predict_tasks(model, requests, args.device, args.dtype, scales,
-                                               label="test")))
-    wnli = glue_data.GLUE_TASKS["WNLI"]
-    if args.task_set == "glue" and wnli not in tasks and not glue_data.missing_files([wnli], args.data_dir):
-        # The paper leaves WNLI out; the leaderboard still wants its file: the train majority class.
-        train = glue_data.load_split(wnli, "train", args.data_dir)
-        majority = np.bincount(train.labels[train.labelled]).argmax()
-        rows = len(glue_data.load_split(wnli, "test", args.data_dir))
-        predictions["WNLI/test"] = np.full(rows, majority)
-        tasks = tasks + [wnli]
-    if predictions:
-        path = write_submission(tasks, predictions, out / "submission")
-        log(f"test predictions: {path}")
 
 
 # -- main -----------------------------------------------------------------------------------------------
@@ -509,13 +521,24 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     if args.predict:
         return predict_corpus(args)
-    result = train(args)
-    if result["finished"]:  # rank 0, at the last step: the best model's test predictions and the plot
-        release_memory()  # the training's model and optimizer are gone: the best model is read from disk
-        if not args.no_test:
-            write_test_predictions(Path(args.output_dir), result["tasks"], args)
-        plot(Path(args.output_dir))
+    with output_dir_held(args):  # one process per run folder: a second one stops with a message
+        result = train(args)
+        if result["finished"]:  # rank 0, at the last step: the best model's test predictions and the plot
+            release_memory()  # the training's model and optimizer are gone: the best model is read from disk
+            if not args.no_test:
+                write_test_predictions(Path(args.output_dir), result["tasks"], args)
+            finish_message(Path(args.output_dir), result["tasks"])
     return result
+
+
+def finish_message(out: Path, tasks: list[glue_data.Task]) -> None:
+    """The run's last lines: the plot (or how to draw it), the best model and the next command."""
+    drawn = plot(out)
+    log(f"plot: {drawn}" if drawn else f"no plot: matplotlib is not installed (pip install matplotlib, then "
+        f"python -m support.plot {out})")
+    columns = "text" if any(len(t.text) == 1 for t in tasks) else ",".join(tasks[0].text)
+    log(f"best model: {out / 'best'}\nlabel a corpus with it: python train.py --predict corpus.tsv "
+        f"--checkpoint {out / 'best'} --text-columns {columns}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ LABELS = {  # how the runs are named in the tables
     "input-positions.vocab": "MTOP, `--prompt-entry input-positions`", "after-norm.vocab.S8": "MTOP, S = 8",
     "mtop-s8": "MTOP, S = 8", "mtop-dts-alpha1": "MTOP, DTS with alpha = 1",
     "mtop-meancls": "MTOP, heads also read [CLS] (`--pooling mean+cls`, ours)",
-    "mtop-hlr1e-3": "MTOP, `--head-lr 1e-3` (ours)",
+    "mtop-hlr1e-3": "MTOP, `--head-lr 1e-3` (ours)", "mtop-small": "MTOP, small pool (L = 1, S = 8)",
 }
 
 
@@ -60,7 +60,8 @@ def same_config(expected: list[str], ran: list[str]) -> bool:
     ran_args = vars(train.parse_args(ran))
     fill = {"glue": ran_args["data_dir"], "model": ran_args["model"]}
     want = vars(train.parse_args([f.format(**fill) for f in expected]))
-    ignore = {"seed", "no_test", "output_dir", "resume"} | (DTS_ONLY if want["sampler"] != "dts" else set())
+    ignore = {"seed", "no_test", "output_dir", "resume", "argv"} | (DTS_ONLY if want["sampler"] != "dts"
+                                                                      else set())
     ignore |= PROMPTS_ONLY if want["mode"] == "none" else set()
     return all(want[k] == ran_args[k] for k in want if k not in ignore)
 
@@ -402,6 +403,62 @@ def step_time(folder: str, values: dict) -> str:
     return "\n".join(lines)
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables; a test checks them
+# against scipy), for the intervals of paired differences.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
+    """{{manylabel:<plan>}}: a plan of many tasks on one text (one row per run: the mean of the tasks'
+    scores, on the first `frequent` tasks of the task set (ordered by train positives) and on the rest,
+    with the standard deviation over seeds), then each task's mean score per run. Keys
+    <plan>.<run>.{mean,mean.sd,frequent,rare,learned,minutes} and, for each pair of runs,
+    <plan>.<a>.minus.<b> with .low, .high (the 95% interval of the seed-paired difference) and .t."""
+    runs = load(plan)
+    if not runs:
+        raise SystemExit(f"no results for plan {plan!r} in {RESULTS / plan}")
+    tasks = list(next(iter(runs.values()))[0]["final"]["scores"])
+    groups = {"mean": tasks, "frequent": tasks[:frequent], "rare": tasks[frequent:]}
+    lines = [f"| run | mean of {len(tasks)} tasks | {frequent} frequent | {len(tasks) - frequent} rare | "
+             "tasks above 0 | seeds | minutes per run |", "|---|---|---|---|---|---|---|"]
+    for name, results in runs.items():
+        cells = []
+        for group, members in groups.items():
+            per_seed = [np.mean([r["final"]["scores"][t] for t in members]) for r in results]
+            cells.append(fmt(per_seed))
+            mean, sd = mean_sd(per_seed)
+            values[f"{plan}.{name}.{group}"], values[f"{plan}.{name}.{group}.sd"] = f"{100 * mean:.1f}", \
+                f"{100 * sd:.1f}"
+        learned = np.mean([sum(r["final"]["scores"][t] > 0 for t in tasks) for r in results])
+        minutes = np.mean([r["wall_seconds"] for r in results]) / 60
+        values[f"{plan}.{name}.learned"] = f"{learned:.1f}"
+        values[f"{plan}.{name}.minutes"] = f"{minutes:.0f}"
+        values[f"{plan}.{name}.seeds"] = str(len(results))
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
+                     + f" | {learned:.1f} | {len(results)} | {minutes:.0f} |")
+    for name, results in runs.items():  # seed-paired differences of the mean score, with their interval
+        for other, other_results in runs.items():
+            by_seed = {r["seed"]: np.mean(list(r["final"]["scores"].values())) for r in other_results}
+            paired = [np.mean(list(r["final"]["scores"].values())) - by_seed[r["seed"]] for r in results
+                      if r["seed"] in by_seed]
+            if name == other or len(paired) < 2:
+                continue
+            mean, se = np.mean(paired), np.std(paired, ddof=1) / np.sqrt(len(paired))
+            half = T975[len(paired) - 1] * se
+            key = f"{plan}.{name}.minus.{other}"
+            values[key], values[f"{key}.low"], values[f"{key}.high"] = (f"{100 * v:.1f}" for v in
+                                                                         (mean, mean - half, mean + half))
+            values[f"{key}.t"] = f"{mean / se:.1f}" if se > 0 else "inf"
+    header = "| task | " + " | ".join(LABELS.get(n, n) for n in runs) + " |"
+    lines += ["", header, "|---|" + "---|" * len(runs)]
+    for task in tasks:
+        means = [100 * np.mean([r["final"]["scores"][task] for r in rs]) for rs in runs.values()]
+        lines.append(f"| {task} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    summarise(plan, runs, values)
+    values[f"{plan}.steps"] = flag(next(iter(runs.values()))[0]["flags"], "--max-steps")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,6 +488,8 @@ def main() -> None:
                 tables[f"inference:{arg}"] = inference(arg, values)
             elif kind == "steptime":
                 tables[f"steptime:{arg}"] = step_time(arg, values)
+            elif kind == "manylabel":
+                tables[f"manylabel:{arg}"] = many_labels(arg, values)
         except SystemExit as missing:
             if not options.keys:
                 raise

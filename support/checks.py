@@ -10,6 +10,7 @@ line or flag and the fix, before a step is trained or a file written.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch.distributed as dist
 
 import glue_data
 from electra import ElectraConfig, resolve_pretrained
-from mtop import PromptConfig
+from support.files import held
+from mtop import MAX_SETTINGS_BYTES, PromptConfig
 from support.glue_download import download_glue
 from support.system import cpu_has_bf16, log
 
@@ -62,6 +64,16 @@ def check_flags(args, device: str) -> None:
                          "another user's); give a folder you can write to")
 
 
+def output_dir_held(args):
+    """The run folder for this training alone: a lock file beside it (.<name>.lock, support.files.held),
+    taken by the process of rank 0 (under torchrun, RANK=0; the job's other ranks share its folder)."""
+    out = Path(args.output_dir).absolute()
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    check_flags(args, args.device)  # a folder that cannot be written is refused before the lock is made
+    return held(out.parent / f".{out.name}.lock", f"--output-dir {args.output_dir}")
+
+
 def check_data(tasks: list[glue_data.Task], args) -> None:
     """Every split of every task, test files included, is read once before the first step: a broken file
     is found now, not after hours of training."""
@@ -86,6 +98,17 @@ def check_data(tasks: list[glue_data.Task], args) -> None:
         if args.max_length < 3 + 2 * (len(task.text) - 1):
             raise ValueError(f"--max-length {args.max_length} leaves no room for the text of {task.name}: "
                              f"[CLS] and [SEP] take {1 + len(task.text)} of them")
+
+
+def check_metadata_size(metadata: dict, num_tasks: int) -> None:
+    """best/mtop.json must stay under its size limit (mtop.MAX_SETTINGS_BYTES), or the first evaluation
+    would fail to write it: the task list and labels, and room for each task's dev scores."""
+    size = len(json.dumps(metadata)) + 400 * num_tasks
+    if size > MAX_SETTINGS_BYTES:
+        longest = max(metadata["tasks"], key=lambda t: len(json.dumps(t)))
+        raise ValueError(f"the tasks' labels would make best/mtop.json about {size} bytes, over its limit of "
+                         f"{MAX_SETTINGS_BYTES}; task {longest['name']!r} alone has {len(longest['labels'])} "
+                         "labels: fewer or shorter labels")
 
 
 def prompt_config(args) -> PromptConfig:

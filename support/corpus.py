@@ -12,6 +12,8 @@ are dealt out to the K processes and rank 0 merges their parts: the same bytes o
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import heapq
 import itertools
 import json
@@ -23,8 +25,9 @@ import torch.distributed as dist
 
 import glue_data
 from support.checks import check_device, user_errors, writable
+from support.files import held
 from support.labelling import Labeller
-from support.system import log, setup_distributed
+from support.system import exit_on_sigterm, log, setup_distributed
 
 
 def read_corpus(path: Path, columns: list[str], id_column: str = ""):
@@ -118,9 +121,9 @@ def choose_tasks(labeller: Labeller, pairs: bool, rank: int) -> list[str]:
 
 
 def predict_corpus(args) -> Path | None:
-    """--predict: label every row of a corpus, a chunk of --predict-chunk rows at a time (constant memory).
-    Under torchrun each chunk's batches are dealt out (Labeller.label_encoded's shard) and rank 0 merges
-    the processes' parts by row."""
+    """--predict: label every row of a corpus, a chunk of --predict-chunk rows at a time (constant memory),
+    into --predict-output, which one process at a time may write. Under torchrun each chunk's batches are
+    dealt out (Labeller.label_encoded's shard) and rank 0 merges the processes' parts by row."""
     check_device(args.device)
     rank, world, device = setup_distributed(args.device)
     folder = Path(args.checkpoint or Path(args.output_dir) / "best")
@@ -128,50 +131,61 @@ def predict_corpus(args) -> Path | None:
     target = Path(args.predict_output or f"{source}.predictions.jsonl")
     columns = [c for c in args.text_columns.split(",") if c]
     check_paths(source, target, world)
-    rows = read_corpus(source, columns, args.id_column)
-    first = next(rows, None)  # the header and the first row are checked before the model loads
-    rows = itertools.chain([first] if first else [], rows)
-    with user_errors():
-        labeller = Labeller(folder, device, args.dtype,
-                            tasks=[t for t in args.predict_tasks.split(",") if t] or None)
-    pairs = len(columns) == 2
-    tasks = choose_tasks(labeller, pairs, rank)
-    tmp = target.with_name(f".{target.name}.tmp")
-    part = tmp if world == 1 else target.with_name(f".{target.name}.part{rank}")
-    started, read = time.perf_counter(), 0
-    try:
-        with open(part, "w", encoding="utf-8") as f:
-            while block := list(itertools.islice(rows, args.predict_chunk)):
-                encoded = labeller.encode([r[2] for r in block], [r[3] for r in block] if pairs else None)
-                progress = f"rows {read + 1}-{read + len(block)}" if rank == 0 else ""
-                found = labeller.label_encoded(encoded, tasks, args.probabilities, (rank, world), progress)
-                for k in sorted(found):
-                    result = found[k] if args.probabilities else {"labels": found[k]}
-                    ident = {"id": block[k][1]} if args.id_column else {}
-                    f.write(json.dumps({"row": block[k][0], **ident, **result}) + "\n")
-                read += len(block)
+    lock = target.with_name(f".{target.name}.lock")
+    with held(lock, f"--predict-output {target}") if rank == 0 else contextlib.nullcontext():
+        rows = read_corpus(source, columns, args.id_column)
+        first = next(rows, None)  # the header and the first row are checked before the model loads
+        rows = itertools.chain([first] if first else [], rows)
+        with user_errors():
+            labeller = Labeller(folder, device, args.dtype,
+                                tasks=[t for t in args.predict_tasks.split(",") if t] or None)
+        tasks = choose_tasks(labeller, len(columns) == 2, rank)
+        tmp = target.with_name(f".{target.name}.tmp")
+        part = tmp if world == 1 else target.with_name(f".{target.name}.part{rank}")
+        try:
+            with exit_on_sigterm():  # SIGTERM: the clean-up below runs
+                read = label_chunks(labeller, rows, tasks, part, args, rank, world)
                 if world > 1:
-                    dist.barrier()  # every process has done this chunk: the count below is right
-                log(f"labelled {read} rows ({read / (time.perf_counter() - started):.0f} rows/s"
-                    f"{f' over {world} processes' if world > 1 else ''})", rank)
-        if world > 1:
-            dist.barrier()  # every part is complete
-            if rank == 0:
-                merge_parts([part.with_name(f".{target.name}.part{r}") for r in range(world)], tmp)
-            dist.barrier()
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a half-written output never takes the target's name
+                    dist.barrier()  # every part is complete
+                    if rank == 0:
+                        merge_parts([part.with_name(f".{target.name}.part{r}") for r in range(world)], tmp)
+                    dist.barrier()
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)  # a half-written output never takes the target's name
+            if world > 1:
+                part.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SystemExit(f"error: writing {target}: {err.strerror}; nothing was written") from None
+            raise
         if world > 1:
             part.unlink(missing_ok=True)
-        raise
-    if world > 1:
-        part.unlink(missing_ok=True)
-        dist.destroy_process_group()
-    if rank != 0:
-        return None
-    tmp.replace(target)
+            dist.destroy_process_group()
+        if rank != 0:
+            return None
+        tmp.replace(target)
     log(f"wrote {target}: {read} rows, tasks {', '.join(tasks)}")
     return target
+
+
+def label_chunks(labeller: Labeller, rows, tasks: list[str], part: Path, args, rank: int, world: int) -> int:
+    """Label the corpus's rows chunk by chunk into `part` (this process's batches of each chunk, in row
+    order), with a progress line per chunk; returns the rows read."""
+    started, read, pairs = time.perf_counter(), 0, len([c for c in args.text_columns.split(",") if c]) == 2
+    with open(part, "w", encoding="utf-8") as f:
+        while block := list(itertools.islice(rows, args.predict_chunk)):
+            encoded = labeller.encode([r[2] for r in block], [r[3] for r in block] if pairs else None)
+            progress = f"rows {read + 1}-{read + len(block)}" if rank == 0 else ""
+            found = labeller.label_encoded(encoded, tasks, args.probabilities, (rank, world), progress)
+            for k in sorted(found):
+                result = found[k] if args.probabilities else {"labels": found[k]}
+                ident = {"id": block[k][1]} if args.id_column else {}
+                f.write(json.dumps({"row": block[k][0], **ident, **result}) + "\n")
+            read += len(block)
+            if world > 1:
+                dist.barrier()  # every process has done this chunk: the count below is right
+            log(f"labelled {read} rows ({read / (time.perf_counter() - started):.0f} rows/s"
+                f"{f' over {world} processes' if world > 1 else ''})", rank)
+    return read
 
 
 def merge_parts(parts: list[Path], out: Path) -> None:

@@ -4,11 +4,15 @@ not at all, and a write that readers never see half done. Imports nothing of the
     read_json(path, hint)          a JSON object, or one error naming the file
     fetch(url, dest, sha256=...)   download with progress; dest appears only when complete (and verified)
     atomic_write(path, write)      write to a temporary name, then rename; a full disk is one message
+    held(lock, what)               one process at a time (a run folder, a --predict output)
+    name_problem(name)             why a task name cannot name a file ("" when it can)
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import http.client
 import json
@@ -29,6 +33,8 @@ def read_json(path: Path, missing_hint: str) -> dict:
         raise FileNotFoundError(f"{path}: missing; {missing_hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read; not a file this project writes") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -93,3 +99,52 @@ def atomic_write(path: Path, write) -> None:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def held(path: Path, what: str):
+    """Hold the lock file `path` for the block: one process at a time. A second gets SystemExit naming
+    `what` and the process that holds it; the kernel releases the lock when its process ends, however it
+    ends (flock), so a killed process leaves nothing stuck. The file is removed on release."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            file = open(path, "a+", encoding="utf-8")
+        except OSError as err:
+            raise SystemExit(f"error: {what}: cannot create {path} ({err.strerror}); give a folder you can "
+                             "write to") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read(100).strip()
+            file.close()
+            raise SystemExit(f"error: {what} is in use by another process ({holder or 'unknown'}); wait for "
+                             "it to end, or use another one") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+            break  # the lock is on the file at `path`, not on one its last holder removed meanwhile
+        file.close()
+    try:
+        file.truncate(0)
+        file.write(f"pid {os.getpid()}")
+        file.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        file.close()
+
+
+def name_problem(name: object) -> str:
+    """Why `name` cannot name a task ("" when it can): task names become file names (the token cache, the
+    leaderboard files), so they are non-empty, at most 100 characters, with no / \\ : * ? " < > |, no
+    control characters, and not "." or ".."."""
+    if not isinstance(name, str) or not name.strip():
+        return f"must be a non-empty string, got {name!r}"
+    if name in (".", ".."):
+        return f"is {name!r}, which names a folder, not a file"
+    if len(name) > 100:
+        return f"is {len(name)} characters long; at most 100 (it names files)"
+    if bad := [c for c in name if c in '/\\:*?"<>|' or not c.isprintable()]:
+        return (f"{name[:40]!r} holds {bad[0]!r}; a task name can name a file (no / \\ : * ? \" < > |, no "
+                "control characters)")
+    return ""

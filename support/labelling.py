@@ -12,6 +12,7 @@ MTOP's point (Sec. 3.1): with active_task=None, one forward pass gives every tas
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +41,8 @@ def forward_batches(model: MTOP, encoded: glue_data.Encoded, indices: np.ndarray
         if label and time.perf_counter() - last > 30:
             last = time.perf_counter()
             log(f"{label}: {done}/{len(indices)} rows ({done / (last - started):.0f} rows/s)")
-        inputs = glue_data.collate(encoded, indices[batch], multiple=pad_multiple(device))
+        inputs = glue_data.collate(encoded, indices[batch], multiple=pad_multiple(device),
+                                   limit=model.max_text_length)
         ids, mask, types = (inputs[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids"))
         with autocast(device, dtype):
             if heads is None:
@@ -129,6 +131,11 @@ def check_texts(items, name: str) -> None:
             hint = " (a missing value?)" if item is None or isinstance(item, float) and item != item else ""
             raise ValueError(f"Labeller: {name}[{i}] is {item!r}, a {type(item).__name__}, not a "
                              f"string{hint}")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate (half of a UTF-16 pair): not text
+            raise ValueError(f"Labeller: {name}[{i}] holds {item[err.start:err.end]!r} at character "
+                             f"{err.start}: not a Unicode character (half of a UTF-16 pair?)") from None
 
 
 def check_metadata(metadata: dict, model: MTOP, path: Path) -> list[dict]:
@@ -180,6 +187,11 @@ class Labeller:
 
     def __init__(self, folder: str | Path, device: str = "cpu", dtype: str = "fp32", batch_size: int = 64,
                  tasks: list[str] | None = None):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)) or dtype not in ("fp32", "bf16"):
+            raise ValueError(f"Labeller: device {device!r} / dtype {dtype!r}: give cpu, cuda or cuda:N, and "
+                             "fp32 or bf16")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"Labeller: device {device!r}, but torch sees no CUDA device here; use 'cpu'")
         self.model, self.metadata = MTOP.load(folder, map_location=device)
         self.tokenizer = glue_data.load_tokenizer(folder)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

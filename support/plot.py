@@ -1,5 +1,9 @@
 """training.png: a run's dev scores over steps and the share of steps each task got, from its log.jsonl.
-Needs matplotlib, which is not a dependency of the project: without it nothing is drawn."""
+Needs matplotlib, which is not a dependency of the project: without it nothing is drawn, and train.py
+says how to draw it later:
+
+    pip install matplotlib && python -m support.plot runs/mtop
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import json
 from pathlib import Path
 
 
-def plot(out: Path) -> None:
-    """Dev scores over steps and how often each task was chosen (needs matplotlib; skipped without)."""
+def plot(out: Path) -> Path | None:
+    """Dev scores over steps and how often each task was chosen, in out/training.png; None (nothing
+    drawn) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return None
     records = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
     evals = [r for r in records if r["event"] == "eval"]
     steps = [r for r in records if r["event"] == "step"]
@@ -36,3 +41,12 @@ def plot(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=100)
     plt.close(fig)
+    return out / "training.png"
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "log.jsonl").is_file():
+        raise SystemExit("usage: python -m support.plot RUN_FOLDER (a train.py --output-dir, with log.jsonl)")
+    drawn = plot(Path(sys.argv[1]))
+    print(f"wrote {drawn}" if drawn else "matplotlib is not installed: pip install matplotlib")

@@ -12,7 +12,7 @@ Files in --output-dir:
                             in the file's metadata: loading it runs no code (no pickle)
     log.jsonl               one record per step, probe and evaluation (a resumed run drops what came
                             after its checkpoint and logs it again)
-    args.json               the flags of the run
+    args.json               the flags of the run, the code's version and the command that reruns it
     best/                   the best model so far (MTOP.save, with the vocabulary): --predict reads it
 Every file is written whole or not at all (support.files.atomic_write), and nothing non-finite is ever
 written: a diverging run stops with one message and the last good state on disk.
@@ -25,6 +25,8 @@ import hashlib
 import json
 import math
 import random
+import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ from safetensors.torch import save_file
 
 from mtop import MTOP
 from support.files import atomic_write
-from support.system import log
+from support.system import code_version, log
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never loaded (it could run code)
@@ -45,10 +47,12 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never
 RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir",
             # --predict's flags: a training never reads them
             "predict", "checkpoint", "text_columns", "predict_output", "predict_chunk", "id_column",
-            "predict_tasks", "probabilities"}
+            "predict_tasks", "probabilities",
+            "argv"}  # the command line as given (args.json), not a flag
 # Flags newer than some checkpoints, with the value that trains as the code before them did: a checkpoint
 # without one was written with that value, so --resume compares against it (train.py's defaults).
 ADDED_FLAGS = {"pooling": "mean", "head_lr": 0.0}
+MAX_COUNT = 10**9  # epochs, positions, steps: far above any run, far below what overflows
 
 
 class NonFiniteError(FloatingPointError):
@@ -155,11 +159,12 @@ class JsonlLog:
                                                        encoding="utf-8"))
 
     def write(self, **record) -> None:
+        """Append a record, with the time it was written ("time": seconds since the epoch, UTC)."""
         if not self.enabled:
             return
         try:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
         except OSError as err:  # a full disk: one message; the checkpoint on disk is whole
             raise SystemExit(f"error: cannot append to {self.path} ({err.strerror or err}); free some space "
                              "and continue with --resume") from None
@@ -181,14 +186,28 @@ def save_best(model: MTOP, metadata: dict, model_folder: Path, folder: Path) -> 
 
 
 def data_fingerprint(tasks: list, data: dict) -> dict[str, str]:
-    """A digest of each task's training rows as trained on: a resumed run must see the same data."""
+    """Digests of everything that shapes a run besides its flags: each task's training rows as trained on
+    (key: the task's name), its dev splits ("<task>/dev"), its probe rows ("<task>/probe") and its
+    definition ("<task>/task": type, labels, metrics, columns, missing values). A resumed run must see the
+    same (Run's resume check; a checkpoint older than the last three keys is checked on the first)."""
+    def digest(*arrays) -> str:
+        h = hashlib.sha256()
+        for array in arrays:
+            if array is not None:
+                h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()[:16]
     out = {}
     for task in tasks:
-        encoded, rows = data[task.name]["train"], data[task.name]["train_idx"]
-        digest = hashlib.sha256(encoded.ids.tobytes() + encoded.offsets.tobytes() + rows.tobytes())
-        if encoded.labels is not None:
-            digest.update(encoded.labels.tobytes())
-        out[task.name] = digest.hexdigest()[:16]
+        d = data[task.name]
+        encoded, rows = d["train"], d["train_idx"]
+        out[task.name] = digest(encoded.ids, encoded.offsets, rows, encoded.labels)
+        out[f"{task.name}/dev"] = digest(*(a for e in d["dev"].values() for a in (e.ids, e.offsets, e.labels,
+                                                                                     e.labelled)))
+        probe, probe_rows = d["probe"]
+        out[f"{task.name}/probe"] = digest(probe.ids, probe.offsets, probe.labels, probe_rows)
+        definition = (task.kind, task.labels, task.metrics, task.text, task.label, task.missing, task.member,
+                      task.separator)
+        out[f"{task.name}/task"] = hashlib.sha256(repr(definition).encode()).hexdigest()[:16]
     return out
 
 
@@ -222,15 +241,26 @@ def check_state(state, tasks: list[str], path: Path) -> None:
         bad("best.step", f"is {best_step!r}, not a step from 0 to {step}")
     if state["world"] < 1 or len(state["rng"]) != state["world"]:
         bad("rng", f"holds {len(state['rng'])} generator states for {state['world']} processes")
+    def rate(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+            and 0 <= value < 1e3
     for group in state["optimizer"].get("param_groups", []):
-        lr = group.get("lr") if isinstance(group, dict) else None
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
-            bad("optimizer.param_groups.lr", f"is {lr!r}, not a finite learning rate >= 0")
+        for key in ("lr", "initial_lr"):
+            value = group.get(key, 0.0) if isinstance(group, dict) else None
+            if not rate(value):
+                bad(f"optimizer.param_groups.{key}", f"is {value!r}, not a finite learning rate >= 0")
+    schedule = state["lr_schedule"]
+    for value in schedule.get("base_lrs", []) + schedule.get("_last_lr", []):
+        if not rate(value):
+            bad("lr_schedule.base_lrs", f"holds {value!r}, not a finite learning rate >= 0")
+    if not isinstance(schedule.get("last_epoch", 0), int) or not 0 <= schedule.get("last_epoch", 0) <= step:
+        bad("lr_schedule.last_epoch", f"is {schedule.get('last_epoch')!r}, not a step from 0 to {step}")
     for task in tasks:
         stream = state["streams"].get(task)
         counts = [stream.get(k) for k in ("epoch", "position")] if isinstance(stream, dict) else [None]
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
-            bad(f"streams.{task}", f"is {stream!r}, not {{'epoch': n, 'position': n}} with n >= 0")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_COUNT for n in counts):
+            bad(f"streams.{task}", f"is {stream!r}, not {{'epoch': n, 'position': n}} with 0 <= n <= "
+                                   f"{MAX_COUNT}")
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -253,6 +283,7 @@ class Run:
         self.log = JsonlLog(self.out / "log.jsonl", rank == 0)
         self.losses: list[float] = []  # this invocation's
         self.invocation_steps, self.seen, self.train_seconds = 0, 0, 0.0
+        self.timed: dict[str, float] = {}  # seconds of the last "eval" and "probe", for the ETA
         self.started = self.last_line = time.perf_counter()
         self.drawn = hashlib.sha256()  # the batches this rank drew (torchrun's agreement check)
 
@@ -277,15 +308,20 @@ class Run:
             (self.out / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out / "args.json", lambda p: p.write_text(json.dumps(vars(self.args),
+            record = vars(self.args) | {"code_version": code_version(),
+                                        "command": shlex.join(["python", "train.py", *self.args.argv])}
+            atomic_write(self.out / "args.json", lambda p: p.write_text(json.dumps(record,
                                                                                    indent=2)))
 
     def _clean_up(self) -> None:
-        """What a killed write left in the folder: temporary files of atomic_write (.NAME.*.tmp) are
-        removed; a best/ caught between its two renames (best.old there, best/ not) is put back, and a
-        best.old left after them is removed. Called once the folder is known to be this run's."""
-        for stale in self.out.glob(".*.tmp") if self.out.is_dir() else []:
-            if stale.name.startswith((f".{CHECKPOINT}.", ".log.jsonl.", ".args.json.")):
+        """What a killed write left in the folder: temporary files of atomic_write (.NAME.*.tmp) and of
+        safetensors itself (.tmpXXXXXX, which it renames over the name it was given) are removed; a best/
+        caught between its two renames (best.old there, best/ not) is put back, and a best.old left after
+        them is removed. Called once the folder is known to be this run's."""
+        for stale in self.out.glob(".*tmp*") if self.out.is_dir() else []:
+            ours = stale.name.endswith(".tmp") and stale.name.startswith((f".{CHECKPOINT}.", ".log.jsonl.",
+                                                                          ".args.json."))
+            if ours or re.fullmatch(r"\.tmp\w{6}", stale.name):
                 log(f"removing {stale}, left by a write that was killed", self.rank)
                 stale.unlink(missing_ok=True)
         best, old = self.out / "best", self.out / "best.old"
@@ -308,8 +344,12 @@ class Run:
         if state.get("world") != self.world:  # the batch per step, the schedule and the data order hang on it
             changed.append(f"{state.get('world')} -> {self.world} processes")
         data = state.get("data") if isinstance(state.get("data"), dict) else {}
-        changed += [f"the training data of {name} changed" for name, digest in self.fingerprint.items()
-                    if data.get(name) != digest]
+        what = {"": "the training data", "dev": "the dev data", "probe": "the probe rows",
+                "task": "the definition (type, labels, metrics, columns)"}
+        for key, digest in self.fingerprint.items():  # a key the checkpoint lacks is newer than it
+            name, _, part = key.partition("/")
+            if data.get(key) != digest and (key in data or not part):
+                changed.append(f"{what[part]} of {name} changed")
         if changed:
             raise SystemExit(f"error: --resume: {self.path} was written with other settings: "
                              f"{'; '.join(changed)}. Resume with the same ones, or start a new run in "
@@ -327,6 +367,10 @@ class Run:
 
     def _load_parts(self, state: dict) -> None:
         parts = self.parts
+        for key, value in parts["model"].state_dict().items():  # load_state_dict would cast silently
+            stored = state["model"].get(key)
+            if torch.is_tensor(stored) and stored.dtype != value.dtype:
+                raise ValueError(f"model tensor {key} is {stored.dtype}, the model's is {value.dtype}")
         parts["model"].load_state_dict(state["model"])  # strict: every key, every shape
         optimizer_state = state["optimizer"]
         # JSON keys are strings
@@ -365,8 +409,9 @@ class Run:
         except OSError as err:
             raise SystemExit(f"error: at step {self.step}: {err}") from None
 
-    def step_done(self, task: str, loss: float, batch: dict, seconds: float, lr: float) -> None:
-        """Count a finished training step: history, log.jsonl, and the drawn batch under torchrun."""
+    def step_done(self, task: str, loss: float, batch: dict, seconds: float, rates: dict[str, float]) -> None:
+        """Count a finished training step: history, log.jsonl (with the learning rates it used), and the
+        drawn batch under torchrun."""
         if self.world > 1:
             self.drawn.update(batch["input_ids"].numpy().tobytes())
         self.step, self.invocation_steps = self.step + 1, self.invocation_steps + 1
@@ -374,19 +419,27 @@ class Run:
         self.losses.append(loss)
         self.train_seconds += seconds
         self.history.append(task)
-        self.log.write(event="step", step=self.step, task=task, loss=loss, lr=lr)
+        self.log.write(event="step", step=self.step, task=task, loss=loss, **rates)
 
-    def progress(self, total_steps: int, epoch: int, epochs: int) -> None:
-        """A progress line every --log-every steps, at the end, and at least every 30 seconds."""
+    def progress(self, total_steps: int, epoch: int, epochs: int, eval_every: int) -> None:
+        """A progress line every --log-every steps, at the end, and at least every 30 seconds. The ETA
+        counts the steps left at this invocation's step time, and the evaluations, probes and test
+        predictions left at the last ones' times (named, not counted, before the first is timed)."""
         now = time.perf_counter()
         if not (self.step % self.args.log_every == 0 or self.step == total_steps or now - self.last_line > 30
                 or self.invocation_steps == 1):
             return
         self.last_line = now
-        eta = (now - self.started) / self.invocation_steps * (total_steps - self.step)
+        left = total_steps - self.step
+        evals = left // eval_every + (total_steps % eval_every != 0) + (not self.args.no_test)  # test ~ eval
+        probes = -(-left // self.args.interval) if self.args.sampler == "dts" else 0
+        eta = self.train_seconds / self.invocation_steps * left + evals * (self.timed.get("eval") or 0) \
+            + probes * (self.timed.get("probe") or 0)
+        untimed = [what for what, n in (("eval", evals), ("probe", probes)) if n and what not in self.timed]
         log(f"step {self.step}/{total_steps} | epoch {epoch}/{epochs} | {self.history[-1]} | loss "
             f"{np.mean(self.losses[-self.args.log_every:]):.4f} | "
-            f"{self.seen / self.train_seconds:.1f} train ex/s | ETA {eta / 60:.1f} min", self.rank)
+            f"{self.seen / self.train_seconds:.1f} train ex/s | ETA {eta / 60:.1f} min"
+            + "".join(f" + {what}s" for what in untimed), self.rank)
 
     def keep_if_best(self, result: dict, metadata: dict, model_folder: Path) -> None:
         """Rank 0, after a dev evaluation: write best/ if its GLUE average beats every earlier one."""

@@ -1,7 +1,8 @@
 """The GLUE leaderboard's files: one TSV per test set under its official name, and their zip; a custom
 task set's test predictions are written the same way, with its label strings.
 
-    write_submission(tasks, {"RTE/test": predictions, ...}, out_dir)   # train.py's test predictions
+    write_submission(tasks, {"RTE/test": predictions, ...}, out_dir)   # the files from predictions
+    write_test_predictions(out, tasks, args)    # train.py: the best model's test predictions, written
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+import glue_data
 from glue_data import GLUE_TASKS, OFFICIAL_ROWS, Task
+from mtop import MTOP
 from support.files import atomic_write
+from support.labelling import predict_tasks
+from support.system import log
 
 SUBMISSION_FILES: dict[str, str] = {  # "<task>/<test split>" -> the file name the leaderboard expects
     "CoLA/test": "CoLA.tsv", "SST-2/test": "SST-2.tsv", "MRPC/test": "MRPC.tsv", "STS-B/test": "STS-B.tsv",
@@ -75,3 +80,38 @@ def write_submission(tasks: list[Task], predictions: dict[str, np.ndarray], out_
     print(f"wrote {zip_path} ({len(written)} files)"
           + (f"; left out of the leaderboard set, no predictions: {', '.join(left_out)}" if left_out else ""))
     return zip_path
+
+
+def write_test_predictions(out: Path, tasks: list[glue_data.Task], args) -> None:
+    """The best checkpoint's test predictions as leaderboard files (AX through the MNLI head, WNLI
+    as its train majority class when it was not trained)."""
+    model, metadata = MTOP.load(out / "best", map_location=args.device)
+    scales = {t["name"]: t["scale"] for t in metadata["tasks"]}
+    tokenizer = glue_data.load_tokenizer(out / "best")
+    cache = Path(args.cache_dir).expanduser() / "tokens"
+    jobs = [(t, t, split) for t in tasks for split in t.test_splits]
+    if "MNLI" in model.num_labels and "AX" in glue_data.GLUE_TASKS and args.task_set == "glue":
+        jobs.append((glue_data.GLUE_TASKS["AX"], next(t for t in tasks if t.name == "MNLI"), "test"))
+    requests, keys, shared = [], [], {}  # tasks on one test file are predicted from one pass
+    for source, head, split in jobs:
+        if glue_data.missing_files([source], args.data_dir, splits=(split,)):
+            log(f"no {source.name} {split} file: left out of the submission")
+            continue
+        encoded = glue_data.load_encoded(source, split, args.data_dir, tokenizer, args.max_length, cache,
+                                         shared)
+        log(f"test predictions: {source.name} {split}, {len(encoded)} rows")
+        requests.append((head.name, encoded, np.arange(len(encoded))))
+        keys.append(f"{source.name}/{split}")
+    predictions = dict(zip(keys, predict_tasks(model, requests, args.device, args.dtype, scales,
+                                               label="test")))
+    wnli = glue_data.GLUE_TASKS["WNLI"]
+    if args.task_set == "glue" and wnli not in tasks and not glue_data.missing_files([wnli], args.data_dir):
+        # The paper leaves WNLI out; the leaderboard still wants its file: the train majority class.
+        train = glue_data.load_split(wnli, "train", args.data_dir)
+        majority = np.bincount(train.labels[train.labelled]).argmax()
+        rows = len(glue_data.load_split(wnli, "test", args.data_dir))
+        predictions["WNLI/test"] = np.full(rows, majority)
+        tasks = tasks + [wnli]
+    if predictions:
+        path = write_submission(tasks, predictions, out / "submission")
+        log(f"test predictions: {path}")

@@ -8,16 +8,21 @@
     cpu_has_bf16()              whether bf16 matrix products run natively on this CPU
     limit_heap_growth()         CPU training: large tensors get their own mappings (glibc)
     release_memory()            give freed memory back to the operating system (glibc)
+    StopSignals, exit_on_sigterm()   SIGTERM and Ctrl-C: a clean stop (training), a clean-up (--predict)
+    code_version()              the git commit of the code, for args.json
 
 BENCHMARKS.md measures the two glibc settings (peak memory against step time) and the padding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import gc
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
@@ -103,3 +108,63 @@ def release_memory() -> None:
     gc.collect()
     if libc := glibc():
         libc.malloc_trim(0)
+
+
+class StopSignals:
+    """SIGTERM (what batch schedulers send before they kill a job) and SIGINT (Ctrl-C) as a request to
+    stop cleanly: `received` is set, and the training loop finishes its step, writes a checkpoint and
+    leaves (train.py). A second SIGINT interrupts at once. A context manager: the previous handlers come
+    back on exit."""
+
+    def __init__(self):
+        self.received = 0
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+
+    def requested(self, world: int, device: str) -> int:
+        """The signal received by any process (0: none); every rank must ask at the same step."""
+        if world == 1:
+            return self.received
+        flag = torch.tensor([self.received], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """SIGTERM raises SystemExit in the main thread, so that `finally` and `except BaseException` clean-ups
+    run (--predict removes its temporary output); the previous handler comes back on exit."""
+    def stop(number, frame):
+        raise SystemExit(f"error: stopped by {signal.Signals(number).name}; nothing was written")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def code_version() -> str:
+    """The code that runs, for a run's records: the git commit of this checkout ('+changes' when its .py
+    files differ from it), or 'unknown' outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "*.py"], cwd=root, capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return f"git {head.stdout.strip()}" + ("+changes" if dirty.stdout.strip() else "")
