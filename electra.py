@@ -40,10 +40,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from support.files import atomic_write, fetch, read_json
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-HUB_URL = "https://huggingface.co"
-DEFAULT_CACHE = Path.home() / ".cache" / "mtop"
+from support.files import atomic_write, read_json
+
+DEFAULT_CACHE = Path.home() / ".cache" / "mtop"  # tokenized splits; hub models converted from .bin
 
 
 @dataclass
@@ -304,9 +306,10 @@ class Electra(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path, cache_dir: str | Path | None = None,
-                        hub_url: str = HUB_URL) -> Electra:
-        """Load a Hugging Face folder, a `.safetensors` file (config.json beside it) or a hub name."""
-        path = resolve_pretrained(path_or_name, cache_dir=cache_dir, hub_url=hub_url)
+                        hub_url: str | None = None, revision: str | None = None) -> Electra:
+        """Load a Hugging Face folder, a `.safetensors` file (config.json beside it) or a hub name (at
+        `revision`, from `hub_url` instead of HF_ENDPOINT or huggingface.co)."""
+        path = resolve_pretrained(path_or_name, cache_dir=cache_dir, hub_url=hub_url, revision=revision)
         folder, weights = (path.parent, path) if path.is_file() else (path, path / "model.safetensors")
         config = ElectraConfig.from_json(folder / "config.json")
         model = cls(config)
@@ -435,8 +438,8 @@ HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve_pretrained(path_or_name: str | Path, cache_dir: str | Path | None = None,
-                       hub_url: str = HUB_URL) -> Path:
-    """A local folder or .safetensors file as it is; a hub name -> its folder in the cache."""
+                       hub_url: str | None = None, revision: str | None = None) -> Path:
+    """A local folder or .safetensors file as it is; a hub name -> a folder of its files (download_model)."""
     path = Path(path_or_name).expanduser()
     if path.exists():
         return path
@@ -445,42 +448,59 @@ def resolve_pretrained(path_or_name: str | Path, cache_dir: str | Path | None = 
         raise FileNotFoundError(f"{name}: no such model folder or file (give a folder with config.json "
                                 "and model.safetensors, or a hub name like "
                                 "google/electra-base-discriminator)")
-    folder = Path(cache_dir or DEFAULT_CACHE) / "models" / name.replace("/", "--")
+    return download_model(name, Path(cache_dir or DEFAULT_CACHE), hub_url, revision)
+
+
+def download_model(name: str, cache_dir: Path, hub_url: str | None = None,
+                   revision: str | None = None) -> Path:
+    """A hub model's folder, through huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT or
+    `hub_url`, HF_TOKEN): config.json, vocab.txt or tokenizer.json, tokenizer_config.json when there is
+    one, and model.safetensors. A repo that ships only pytorch_model.bin has it read without running code
+    (torch's weights_only) and stored as safetensors, with the other files, in
+    cache_dir/models/<name>--<commit>, written whole or not at all. OSError names what failed."""
+    def get(filename: str, optional: bool = False) -> Path | None:
+        try:
+            return Path(hf_hub_download(name, filename, revision=revision, endpoint=hub_url))
+        except EntryNotFoundError:  # absent on the hub, or (offline) absent from the cache
+            if optional:
+                return None
+            raise OSError(f"{name}: no {filename} (on the hub at revision {revision or 'main'}, or in the "
+                          "Hugging Face cache when offline)") from None
+        except (HfHubHTTPError, OSError) as err:  # no such repo, gated, offline, network
+            raise OSError(f"{name}: {filename} could not be fetched ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]})") from None
+    config = get("config.json")
+    if not any([get(f, optional=True) for f in ("vocab.txt", "tokenizer.json")]):
+        raise OSError(f"{name}: neither vocab.txt nor tokenizer.json exists")
+    get("tokenizer_config.json", optional=True)  # casing: glue_data.load_tokenizer reads it
+    if get("model.safetensors", optional=True):
+        return config.parent  # the snapshot folder of huggingface_hub's cache holds every file fetched
+    folder = cache_dir / "models" / f"{name.replace('/', '--')}--{config.parent.name}"
     if not (folder / "model.safetensors").exists():
-        download_model(name, folder, hub_url)
+        convert_pickled(get("pytorch_model.bin"), config.parent, folder)
     return folder
 
 
-def download_model(name: str, folder: Path, hub_url: str = HUB_URL) -> None:
-    """Fetch config.json, the vocabulary and the weights of a hub model into `folder`, atomically.
-
-    Everything goes to a temporary folder beside the target, which is renamed into place only when
-    complete, so a failed or killed download leaves nothing half-written in the cache.
-    """
+def convert_pickled(weights: Path, snapshot: Path, folder: Path) -> None:
+    """pytorch_model.bin -> folder/model.safetensors, beside copies of the snapshot's other files; the
+    folder appears only when complete. Keys the encoder never reads go (a masked-LM head whose decoder is
+    tied to the word embeddings among them), and each kept tensor gets storage of its own: safetensors
+    refuses tensors that share memory."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".part", dir=folder.parent))
     try:
-        base = f"{hub_url.rstrip('/')}/{name}/resolve/main"
-        fetch(f"{base}/config.json", tmp / "config.json")
-        got_vocab = [fetch(f"{base}/{f}", tmp / f, optional=True) for f in ("vocab.txt", "tokenizer.json")]
-        if not any(got_vocab):
-            raise FileNotFoundError(f"{base}: neither vocab.txt nor tokenizer.json exists")
-        if not fetch(f"{base}/model.safetensors", tmp / "model.safetensors", optional=True):
-            # Older hub repos only have a pickled state dict: read it safely, store it as safetensors.
-            fetch(f"{base}/pytorch_model.bin", tmp / "pytorch_model.bin")
-            try:
-                state = torch.load(tmp / "pytorch_model.bin", map_location="cpu", weights_only=True)
-            except Exception as err:  # torch raises UnpicklingError or RuntimeError for what it refuses
-                raise ValueError(f"{base}/pytorch_model.bin was refused: its pickle holds more than tensors "
-                                 f"({type(err).__name__}), and loading it could run code. Nothing was "
-                                 "installed; use a model that ships model.safetensors") from None
-            # Keys the encoder never reads go (a masked-LM head whose decoder is tied to the word
-            # embeddings among them), and each kept tensor gets storage of its own: safetensors refuses
-            # tensors that share memory.
-            kept = {k: v.detach().clone().contiguous() for k, v in state.items()
-                    if isinstance(v, torch.Tensor) and not current_name(k).startswith(DROPPED)}
-            save_file(kept, str(tmp / "model.safetensors"))
-            (tmp / "pytorch_model.bin").unlink()
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises UnpicklingError or RuntimeError for what it refuses
+            raise ValueError(f"{weights} was refused: its pickle holds more than tensors "
+                             f"({type(err).__name__}), and loading it could run code. Nothing was "
+                             "installed; use a model that ships model.safetensors") from None
+        kept = {k: v.detach().clone().contiguous() for k, v in state.items()
+                if isinstance(v, torch.Tensor) and not current_name(k).startswith(DROPPED)}
+        save_file(kept, str(tmp / "model.safetensors"))
+        for file in snapshot.iterdir():
+            if file.name not in ("model.safetensors", "pytorch_model.bin"):
+                shutil.copyfile(file, tmp / file.name)  # through huggingface_hub's links
         if folder.exists():  # another process finished first
             shutil.rmtree(tmp)
             return

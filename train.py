@@ -60,7 +60,8 @@ def add_data_and_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", default="", help="comma-separated subset of the task set, e.g. RTE,MRPC")
     g.add_argument("--data-dir", default="glue_data",
                    help="GLUE folder; downloaded when it holds no GLUE file")
-    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="tokenized splits and downloaded models")
+    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+                   help="tokenized splits, and hub models converted from pytorch_model.bin")
     g.add_argument("--max-length", type=int, default=128,
                    help="tokens per text (pair), truncated longest-first")
     g.add_argument("--max-train-examples", type=int, default=0,
@@ -71,7 +72,9 @@ def add_data_and_model_flags(p: argparse.ArgumentParser) -> None:
                    help="examples per task in each probe, a fixed subset (dev: 0 = all of it; heldout: "
                         "10%% of train at most)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="google/electra-base-discriminator", help="hub name or local folder")
+    g.add_argument("--model", default="google/electra-base-discriminator",
+                   help="hub name (fetched through huggingface_hub and its cache) or local folder")
+    g.add_argument("--revision", default="", help="the hub model's branch, tag or commit (default: main)")
     g.add_argument("--mode", choices=MODES, default="mtop", help="prompt setting of Fig. 1 (none = MT-DNN)")
     g.add_argument("--task-prompt-len", type=int, default=4, help="L: prompt tokens per task")
     g.add_argument("--shared-prompt-len", type=int, default=32, help="L': shared prompt tokens (mode mtop)")

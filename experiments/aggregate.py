@@ -46,6 +46,9 @@ LABELS = {  # how the runs are named in the tables
 }
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables; a test checks them against
+# scipy), for the intervals of differences (10 stands for 10 and more: a little wider than needed).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 DTS_ONLY = {"interval", "probe_size", "gamma", "c", "reward", "share", "fixed_alpha"}
 PROMPTS_ONLY = {"prompt_entry", "prompt_init", "task_prompt_len", "shared_prompt_len", "prompt_lr", "pooling"}
 
@@ -150,7 +153,7 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
             values[f"{plan}.{name}.{key}.max"] = f"{100 * max(scores):.1f}"
         for r in results:  # each seed's average, for paired comparisons (runs of one seed share data order)
             values[f"{plan}.{name}.seed{r['seed']}.average"] = f"{100 * r['final']['average']:.1f}"
-        minutes = np.mean([r["wall_seconds"] for r in results]) / 60
+        minutes = np.mean([r["wall_seconds"] for r in results if r["wall_seconds"] is not None]) / 60
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
                      + f" | {len(results)} | {minutes:.1f} |")
         values[f"{plan}.{name}.seeds"] = str(len(results))
@@ -161,9 +164,15 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
             values[f"{plan}.{name}.minus.{other}"] = f"{100 * gap:.1f}"
             # Welch's standard error of the gap, and the gap in those units (needs 2 seeds on each side)
             if len(mine) > 1 and len(theirs) > 1:
-                se = np.sqrt(np.var(mine, ddof=1) / len(mine) + np.var(theirs, ddof=1) / len(theirs))
+                a, b = np.var(mine, ddof=1) / len(mine), np.var(theirs, ddof=1) / len(theirs)
+                se = np.sqrt(a + b)
                 values[f"{plan}.{name}.minus.{other}.se"] = f"{100 * se:.1f}"
                 values[f"{plan}.{name}.minus.{other}.t"] = f"{gap / se:.1f}" if se > 0 else "inf"
+                # Welch's 95% interval, with the degrees of freedom rounded down (a little wider)
+                df = (a + b) ** 2 / (a ** 2 / (len(mine) - 1) + b ** 2 / (len(theirs) - 1)) if se > 0 else 1
+                half = T975[min(10, max(1, int(df)))] * se
+                values[f"{plan}.{name}.minus.{other}.low"] = f"{100 * (gap - half):.1f}"
+                values[f"{plan}.{name}.minus.{other}.high"] = f"{100 * (gap + half):.1f}"
             paired = [a["final"]["average"] - b["final"]["average"] for a in results for b in other_results
                       if a["seed"] == b["seed"]]
             if len(paired) > 1 and np.std(paired) > 0:  # one seed's runs share the data order: paired t
@@ -171,6 +180,9 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
                 values[f"{plan}.{name}.minus.{other}.paired_t"] = f"{t:.1f}"
                 values[f"{plan}.{name}.minus.{other}.paired"] = f"{100 * np.mean(paired):.1f}"
                 values[f"{plan}.{name}.minus.{other}.paired_df"] = str(len(paired) - 1)
+                half = T975[min(10, len(paired) - 1)] * np.std(paired, ddof=1) / np.sqrt(len(paired))
+                values[f"{plan}.{name}.minus.{other}.paired_low"] = f"{100 * (np.mean(paired) - half):.1f}"
+                values[f"{plan}.{name}.minus.{other}.paired_high"] = f"{100 * (np.mean(paired) + half):.1f}"
                 ahead = sum(d > 0 for d in paired)
                 values[f"{plan}.{name}.minus.{other}.ahead"] = f"{ahead} of {len(paired)}"
     # The plan's budget from a run trained as one model (a single-task run holds one flag list per task,
@@ -191,7 +203,7 @@ def summarise(plan: str, runs: dict[str, list[dict]], values: dict) -> None:
     own = [r for rs in runs.values() for r in rs if r["plan"] == plan]
     first = (own or next(iter(runs.values())))[0]
     values[f"{plan}.runs"] = str(len(own))
-    values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] for r in own) / 3600:.1f}"
+    values[f"{plan}.hours"] = f"{sum(r['wall_seconds'] or 0 for r in own) / 3600:.1f}"  # recovered: None
     values[f"{plan}.machine"] = first["machine"]
     values[f"{plan}.commit"] = ", ".join(sorted({r["commit"] for r in own} or {first["commit"]}))
 
@@ -403,11 +415,6 @@ def step_time(folder: str, values: dict) -> str:
     return "\n".join(lines)
 
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables; a test checks them
-# against scipy), for the intervals of paired differences.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
 def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
     """{{manylabel:<plan>}}: a plan of many tasks on one text (one row per run: the mean of the tasks'
     scores, on the first `frequent` tasks of the task set (ordered by train positives) and on the rest,
@@ -444,7 +451,7 @@ def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
             if name == other or len(paired) < 2:
                 continue
             mean, se = np.mean(paired), np.std(paired, ddof=1) / np.sqrt(len(paired))
-            half = T975[len(paired) - 1] * se
+            half = T975[min(10, len(paired) - 1)] * se
             key = f"{plan}.{name}.minus.{other}"
             values[key], values[f"{key}.low"], values[f"{key}.high"] = (f"{100 * v:.1f}" for v in
                                                                          (mean, mean - half, mean + half))

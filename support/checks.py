@@ -164,17 +164,19 @@ def fetch_glue_if_absent(tasks: list[glue_data.Task], args, rank: int, world: in
 
 def fetch_model(args, rank: int, world: int) -> tuple[Path, Path]:
     """(model_dir, model_folder): --model as a local folder or .safetensors file, or a hub name that rank 0
-    downloads once into --cache-dir; model_folder is the folder that holds config.json."""
+    fetches (at --revision) while the other ranks wait; model_folder is the folder that holds config.json."""
     cache_dir = Path(args.cache_dir).expanduser()
+    fetch = lambda: resolve_pretrained(args.model, cache_dir=cache_dir, revision=args.revision or None)
+    model_dir = None
     if rank == 0:
         try:
-            resolve_pretrained(args.model, cache_dir=cache_dir)
+            model_dir = fetch()
         except OSError as err:
             raise SystemExit(f"error: {err}\nFix: pass a local model folder (config.json, model.safetensors, "
                              "vocab.txt or tokenizer.json) with --model") from None
     if world > 1:
         dist.barrier()
-    model_dir = resolve_pretrained(args.model, cache_dir=cache_dir)  # a folder, or a .safetensors file in one
+        model_dir = model_dir or fetch()  # from the cache rank 0 filled
     return model_dir, model_dir if model_dir.is_dir() else model_dir.parent
 
 
@@ -186,9 +188,18 @@ def prepare_inputs(args, rank: int, world: int, device: str):
         prompt_config(args)  # a setting the mode cannot take (--pooling mean+cls with none) ends here
         names = [n for n in args.tasks.split(",") if n] or None
         tasks = glue_data.load_task_set(args.task_set, args.data_dir, names)
-        fetch_glue_if_absent(tasks, args, rank, world)
+        problems = []  # offline, the data and the model are named in one message
+        try:
+            fetch_glue_if_absent(tasks, args, rank, world)
+        except SystemExit as err:
+            problems.append(str(err.code))
+        try:
+            model_dir, model_folder = fetch_model(args, rank, world)
+        except SystemExit as err:
+            problems.append(str(err.code))
+        if problems:
+            raise SystemExit("\n".join(problems))
         check_data(tasks, args)
-        model_dir, model_folder = fetch_model(args, rank, world)
         tokenizer = glue_data.load_tokenizer(model_folder)
         config = ElectraConfig.from_json(model_folder / "config.json")
         check_model(model_folder, tokenizer, config, args, len(tasks))

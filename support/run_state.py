@@ -47,7 +47,7 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never
 RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir",
             # --predict's flags: a training never reads them
             "predict", "checkpoint", "text_columns", "predict_output", "predict_chunk", "id_column",
-            "predict_tasks", "probabilities",
+            "predict_tasks", "probabilities", "revision",
             "argv"}  # the command line as given (args.json), not a flag
 # Flags newer than some checkpoints, with the value that trains as the code before them did: a checkpoint
 # without one was written with that value, so --resume compares against it (train.py's defaults).

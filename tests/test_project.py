@@ -1,0 +1,122 @@
+"""The project as a whole: README's examples, the layering of the modules, the experiment driver."""
+
+import importlib.resources
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import scipy.stats
+
+from conftest import ROOT, readme_block
+
+# -- the project as a whole: README's examples, the layering, the experiment driver ---------------------
+
+def test_readme_labelling_example_runs_as_written(trained_folder, tmp_path, monkeypatch):
+    """README's Python labelling example runs as written against a trained runs/mtop/best folder."""
+    (tmp_path / "runs" / "mtop").mkdir(parents=True)
+    shutil.copytree(trained_folder, tmp_path / "runs" / "mtop" / "best")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    with pytest.warns(UserWarning, match="left out of this input"):
+        exec(compile(readme_block("Labeller"), "README.md", "exec"), namespace)
+    assert len(namespace["rows"]) == 2 and set(namespace["rows"][0]) == {"kind"}  # the single-text task
+    assert namespace["rows"][0]["kind"] in ("no", "yes")
+    assert len(namespace["pairs"]) == 1 and set(namespace["pairs"][0]) == {"nli", "sim"}
+    assert namespace["pairs"][0]["nli"] in ("no", "yes") and isinstance(namespace["pairs"][0]["sim"], float)
+
+
+def test_the_six_files_keep_their_layering():
+    """Lower files never import higher ones: scheduler and support.files import no project file, electra
+    only support.files, glue_data and mtop only what is below them; support/ may import the six files'
+    lower layers and its own modules below it; nothing imports train or the tests. Every module of
+    support/ is in the table."""
+    import ast
+    files, system, plot = "support.files", "support.system", "support.plot"
+    allowed = {"scheduler": set(), files: set(), system: set(), plot: set(), "electra": {files},
+               "glue_data": {files}, "mtop": {"electra", files},
+               "support.glue_download": {"glue_data", files},
+               "support.checks": {"glue_data", "electra", "mtop", "support.glue_download", files, system},
+               "support.run_state": {"mtop", files, system},
+               "support.submission": {"glue_data", "mtop", files, "support.labelling", system},
+               "support.labelling": {"glue_data", "mtop", system},
+               "support.corpus": {"glue_data", "support.checks", "support.labelling", files, system},
+               "train": {"electra", "glue_data", "mtop", "scheduler", "support.checks", "support.labelling",
+                         "support.corpus", plot, "support.run_state", "support.submission", system}}
+    modules = {p.stem for p in ROOT.glob("*.py")} | {f"support.{p.stem}"
+                                                     for p in (ROOT / "support").glob("*.py")}
+    assert modules - {"support.__init__", "test_mtop", "conftest"} == set(allowed), "a module is missing"
+    for name, may in allowed.items():
+        tree = ast.parse((ROOT / (name.replace(".", "/") + ".py")).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node,
+                                                                        ast.Import) for alias in node.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        project = {m for m in imported if m in modules or m == "support"}
+        assert project <= may, (name, project - may)
+
+
+def test_results_intervals_use_students_t_quantiles():
+    """aggregate.py's table of 95% t quantiles (for the intervals RESULTS.md states) is scipy's."""
+    spec = importlib.util.spec_from_file_location("aggregate", ROOT / "experiments" / "aggregate.py")
+    aggregate = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        spec.loader.exec_module(aggregate)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    for df, quantile in aggregate.T975.items():
+        assert quantile == pytest.approx(scipy.stats.t.ppf(0.975, df), abs=1e-3)
+
+
+def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path, monkeypatch):
+    """experiments/run.py --dry-run lists the trainings of a plan: every run of the first seed before
+    any of the next, none for a run whose JSON result exists or that borrows another plan's runs, each
+    with its seed and its own output folder; --threads sets the trainings' thread count and MTOP_COMMIT
+    names the code in the results."""
+    plan = {"name": "p", "seeds": [0, 1], "common": ["--data-dir", "{glue}", "--model", "{model}"],
+            "runs": [{"name": "a", "flags": ["--mode", "none"]}, {"name": "b", "flags": ["--mode", "mtop"]},
+                     {"name": "c", "same_as": "other/x"}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "results" / "p").mkdir(parents=True)
+    (tmp_path / "results" / "p" / "b-seed1.json").write_text("{}")
+    script = ROOT / "experiments" / "run.py"
+    listed = subprocess.run([sys.executable, str(script), str(tmp_path / "plan.json"), "--glue", "G",
+                             "--model", "M",
+                             "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+                             "--jobs", "2",
+                             "--threads", "3", "--dry-run"], capture_output=True, text=True,
+                            check=True).stdout
+    commands = [line.split() for line in listed.splitlines() if "train.py" in line]
+    assert [(c[c.index("--seed") + 1], c[c.index("--output-dir") + 1]) for c in commands] == [
+        ("0", str(tmp_path / "work" / "p" / "a-seed0")), ("0", str(tmp_path / "work" / "p" / "b-seed0")),
+        ("1", str(tmp_path / "work" / "p" / "a-seed1"))]
+    assert all(c[c.index("--data-dir") + 1] == "G" and c[c.index("--model") + 1] == "M" for c in commands)
+    assert "2 at a time with 3 threads each" in listed and "c: the runs of other/x" in listed
+    plan["runs"][0]["seeds"] = [1, 5]  # seed 5 is not the plan's: refused, not skipped
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path / "plan.json"), "--glue", "G",
+                              "--model", "M", "--dry-run"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "run 'a' names seeds [5]" in refused.stderr, refused.stderr
+    spec = importlib.util.spec_from_file_location("experiments_run", script)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    monkeypatch.setenv("MTOP_COMMIT", "abc1234")
+    assert run.commit() == "abc1234"
+    monkeypatch.delenv("MTOP_COMMIT")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # a git checkout: the commit is git's, with +changes where .py files differ
+        assert run.commit().split("+")[0] == head.stdout.strip()
+    folder = tmp_path / "work" / "p" / "a-seed0"  # a finished training's log goes beside the results
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text('{"event": "step"}\n')
+    (folder / "stdout.txt").write_text("done\n")
+    run.keep_log(run.Unit([], folder), tmp_path / "results" / "p", tmp_path / "work")
+    logs = tmp_path / "results" / "p-logs"
+    assert (logs / "a-seed0.log.jsonl").read_text() == '{"event": "step"}\n'
+    assert (logs / "a-seed0.stdout.txt").read_text() == "done\n"
