@@ -1,5 +1,6 @@
 """GLUE (and your own TSV/CSV tasks) for MTOP: task table, file reading, tokenization, batching, metrics,
-(leaderboard files: support/submission.py; the download: support/glue_download.py).
+(the text-file reader: support/files.py; the tokenizer: support/tokenizer.py; the leaderboard's files:
+support/submission.py; the download: support/glue_download.py).
 
 The path of the data through this file:
 
@@ -36,7 +37,6 @@ two K-category assignments by a K-category correlation coefficient", 2004 (multi
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import json
@@ -45,14 +45,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordPiece
+from tokenizers import Tokenizer
 
-from support.files import atomic_write, name_problem, read_json
-
-# .csv fields have no length limit, as .tsv fields have none (csv's default is 131,072 characters). The
-# setting is the process's; set once, here, so that reads that overlap never see another value.
-csv.field_size_limit(2**31 - 1)
+# The text-file reader and the tokenizer live in support/ (files.py, tokenizer.py); they are part of this
+# module's interface too: glue_data.read_table, text_lines, load_tokenizer.
+from support.files import atomic_write, name_problem, read_table, text_lines  # noqa: F401
+from support.tokenizer import load_tokenizer  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -394,68 +392,6 @@ def _missing_message(task: Task, split: str, path: Path) -> str:
     return f"task {task.name!r} {split}: {path} does not exist; check the path in the task-set JSON file."
 
 
-def read_table(path: Path, header: tuple[str, ...] | None = None):
-    """(header, rows): rows yields (line number, fields) of a .tsv or .csv file, streaming; every text file
-    the project takes (training, dev, test, a corpus to label) is read by this one function.
-
-    The rules: UTF-8 (a byte-order mark at the start is dropped), lines end at "\\n" only (a "\\r" before
-    it is dropped; a lone "\\r" stays in the text), blank lines at the end of the file are ignored, no
-    limit on a field's length. A .tsv splits on tabs with no quoting (a '"' is text); a .csv follows the
-    csv module's defaults (commas, '"' quotes fields and may hold line breaks). `header` names the columns
-    of a file without a header row (CoLA train/dev). Errors name the file and line."""
-    lines = text_lines(path)
-    if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path, lines)
-    else:
-        # NOTE: no quote handling. With quoting on, a field that starts with '"' swallows the tabs and
-        # lines after it (MRPC train would read 3570 rows, not 3668).
-        rows = ((number, line.removesuffix("\r").split("\t")) for number, line in lines)
-    rows = _drop_trailing_blank(rows)
-    if header is None:
-        first = next(rows, None)
-        if first is None:
-            raise ValueError(f"{path}: the file is empty; expected a header row")
-        header = tuple(first[1])
-        if not any(name.strip() for name in header):
-            raise ValueError(f"{path}, line {first[0]}: the header row is empty; the first line names the "
-                             "columns")
-    return list(header), rows
-
-
-def text_lines(path: Path):
-    """(line number, text) of each line of a text file, split at "\\n" only, decoded as UTF-8 one line at
-    a time, a byte-order mark at the start dropped: how every text file is read (read_table, JSONL)."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}, line {number}: bytes that are not UTF-8 ({error.reason}); "
-                                 "save the file as UTF-8") from None
-            yield number, (line.removeprefix("\ufeff") if number == 1 else line).removesuffix("\n")
-
-
-def _csv_rows(path: Path, lines):
-    """(line number of the record's last line, fields); the csv module reads quoted line breaks itself."""
-    reader = csv.reader(line + "\n" for _, line in lines)
-    try:
-        for fields in reader:
-            yield reader.line_num, fields
-    except csv.Error as error:
-        raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
-
-
-def _drop_trailing_blank(rows):
-    blank = []  # blank rows are held back: kept if a row follows, dropped at the end of the file
-    for number, fields in rows:
-        if fields in ([""], []):
-            blank.append((number, fields))
-            continue
-        yield from blank
-        blank.clear()
-        yield number, fields
-
-
 def _read_table(path: Path, header: tuple[str, ...] | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
     header, rows = read_table(path, header)
     return header, list(rows)
@@ -535,79 +471,6 @@ def _parse_label(task: Task, value: str, label_index: dict[str, int], where: str
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenization and the on-disk cache
-
-
-def _vocabulary_casing(model_dir: Path, vocab: dict[str, int]) -> bool:
-    """True (lowercase) for a vocabulary without capital letters; a cased one is refused: without a
-    tokenizer_config.json that says do_lower_case, whether to lowercase its texts cannot be told."""
-    cased = sum(1 for token in vocab if not token.startswith("[") and token != token.lower())
-    if cased > 0.01 * len(vocab):
-        raise ValueError(f"{model_dir / 'vocab.txt'} has capital letters ({cased} tokens), but nothing in "
-                         "the folder says whether texts are lowercased: add a tokenizer_config.json with "
-                         '{"do_lower_case": false} (or true)')
-    return True
-
-
-def _casing(model_dir: Path, vocab: dict[str, int]) -> dict:
-    """BertNormalizer's settings from tokenizer_config.json. Without that file the vocabulary decides:
-    an uncased one (no capital letters) is lowercased, as ELECTRA and BERT-uncased are; a cased one is
-    refused, since lowercasing its texts would silently lose what the model was trained to see."""
-    config_path = model_dir / "tokenizer_config.json"
-    if not config_path.is_file():
-        return {"lowercase": _vocabulary_casing(model_dir, vocab)}
-    config = read_json(config_path, "")
-    if config.get("do_lower_case") is None:  # the file does not say: the vocabulary decides, as above
-        config["do_lower_case"] = _vocabulary_casing(model_dir, vocab)
-    settings = {"lowercase": config["do_lower_case"], "strip_accents": config.get("strip_accents"),
-                "handle_chinese_chars": config.get("tokenize_chinese_chars", True)}
-    for key, value in (("do_lower_case", settings["lowercase"]), ("strip_accents", settings["strip_accents"]),
-                       ("tokenize_chinese_chars", settings["handle_chinese_chars"])):
-        if not isinstance(value, bool) and not (key == "strip_accents" and value is None):
-            raise ValueError(f"{config_path}: {key} must be true or false, got {value!r}")
-    return settings
-
-
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The model's tokenizer: tokenizer.json if the folder has one, else a BERT WordPiece tokenizer built
-    from vocab.txt that lowercases (and strips accents) as the folder's tokenizer_config.json says
-    (do_lower_case, strip_accents, tokenize_chinese_chars, as in transformers' BertTokenizer)."""
-    model_dir = Path(model_dir)
-    if (model_dir / "tokenizer.json").is_file():
-        try:
-            tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        except Exception as error:  # the tokenizers library raises a bare Exception for a bad file
-            raise ValueError(f"{model_dir / 'tokenizer.json'}: not a tokenizer file the tokenizers library "
-                             f"can read ({error}); give the model's own tokenizer.json, or delete it to "
-                             "use vocab.txt") from None
-    elif (model_dir / "vocab.txt").is_file():
-        lines = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        lines = lines[:-1] if lines[-1] == "" else lines
-        vocab: dict[str, int] = {}
-        for index, token in enumerate(lines):  # a repeated token would shift every later id by one
-            if token in vocab:
-                raise ValueError(f"{model_dir / 'vocab.txt'}, line {index + 1}: the token {token!r} is also "
-                                 f"on line {vocab[token] + 1}; a vocabulary lists each token once (its "
-                                 "line number is its id): use the model's own vocab.txt")
-            vocab[token] = index
-        if "[CLS]" not in vocab or "[SEP]" not in vocab:
-            raise ValueError(f"{model_dir / 'vocab.txt'}: no [CLS] or [SEP] token; not a BERT vocabulary")
-        tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tokenizer.normalizer = normalizers.BertNormalizer(**_casing(model_dir, vocab))
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",  # type ids 0 | 1
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-        tokenizer.decoder = decoders.WordPiece()
-        # A literal "[SEP]" in a text is the special token, as in BERT's own tokenizer.
-        tokenizer.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]",
-                                                  "[MASK]") if t in vocab])
-    else:
-        raise FileNotFoundError(f"{model_dir}: has neither tokenizer.json nor vocab.txt")
-    # NOTE: hub tokenizer.json files may switch padding and truncation on (all-MiniLM-L6-v2 pads every
-    # text to 128 tokens); encode() sets truncation itself and batches are padded by collate().
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
 
 
 @dataclass

@@ -480,8 +480,8 @@ def test_scheduler_imports_neither_torch_nor_numpy():
 
 
 def test_readme_scheduler_snippet_runs():
-    """The 'Use the scheduler in your own loop' code block in the README runs as written."""
-    heading = "## Use the scheduler in your own loop"
+    """The 'The scheduler in your own loop' code block in the README runs as written."""
+    heading = "## The scheduler in your own loop"
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", text.split(heading, 1)[1], re.DOTALL).group(1)
     namespace: dict = {}

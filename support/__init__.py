@@ -1,6 +1,7 @@
 """What train.py needs besides the method: the plumbing a reader of the training loop can skip.
 
-    files.py          read_json, fetch (verified download), atomic_write      every layer imports it
+    files.py          read_json, fetch (verified download), atomic_write, read_table, held (locks)
+    tokenizer.py      load_tokenizer: tokenizer.json, or vocab.txt with the folder's casing
     glue_download.py  the GLUE download, each file checked against its published sha256
     system.py         torchrun, devices, autocast, CPU memory (glibc)
     checks.py         prepare_inputs: every input checked before any work; user_errors

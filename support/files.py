@@ -6,11 +6,13 @@ not at all, and a write that readers never see half done. Imports nothing of the
     atomic_write(path, write)      write to a temporary name, then rename; a full disk is one message
     held(lock, what)               one process at a time (a run folder, a --predict output)
     name_problem(name)             why a task name cannot name a file ("" when it can)
+    read_table(path), text_lines   how every text file is read (training files, corpora): one set of rules
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
 import hashlib
@@ -148,3 +150,70 @@ def name_problem(name: object) -> str:
         return (f"{name[:40]!r} holds {bad[0]!r}; a task name can name a file (no / \\ : * ? \" < > |, no "
                 "control characters)")
     return ""
+
+
+# .csv fields have no length limit, as .tsv fields have none (csv's default is 131,072 characters). The
+# setting is the process's; set once, here, so that reads that overlap never see another value.
+csv.field_size_limit(2**31 - 1)
+
+
+def read_table(path: Path, header: tuple[str, ...] | None = None):
+    """(header, rows): rows yields (line number, fields) of a .tsv or .csv file, streaming; every text file
+    the project takes (training, dev, test, a corpus to label) is read by this one function.
+
+    The rules: UTF-8 (a byte-order mark at the start is dropped), lines end at "\\n" only (a "\\r" before
+    it is dropped; a lone "\\r" stays in the text), blank lines at the end of the file are ignored, no
+    limit on a field's length. A .tsv splits on tabs with no quoting (a '"' is text); a .csv follows the
+    csv module's defaults (commas, '"' quotes fields and may hold line breaks). `header` names the columns
+    of a file without a header row (CoLA train/dev). Errors name the file and line."""
+    lines = text_lines(path)
+    if path.suffix.lower() == ".csv":
+        rows = _csv_rows(path, lines)
+    else:
+        # NOTE: no quote handling. With quoting on, a field that starts with '"' swallows the tabs and
+        # lines after it (MRPC train would read 3570 rows, not 3668).
+        rows = ((number, line.removesuffix("\r").split("\t")) for number, line in lines)
+    rows = _drop_trailing_blank(rows)
+    if header is None:
+        first = next(rows, None)
+        if first is None:
+            raise ValueError(f"{path}: the file is empty; expected a header row")
+        header = tuple(first[1])
+        if not any(name.strip() for name in header):
+            raise ValueError(f"{path}, line {first[0]}: the header row is empty; the first line names the "
+                             "columns")
+    return list(header), rows
+
+
+def text_lines(path: Path):
+    """(line number, text) of each line of a text file, split at "\\n" only, decoded as UTF-8 one line at
+    a time, a byte-order mark at the start dropped: how every text file is read (read_table, JSONL)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {number}: bytes that are not UTF-8 ({error.reason}); "
+                                 "save the file as UTF-8") from None
+            yield number, (line.removeprefix("\ufeff") if number == 1 else line).removesuffix("\n")
+
+
+def _csv_rows(path: Path, lines):
+    """(line number of the record's last line, fields); the csv module reads quoted line breaks itself."""
+    reader = csv.reader(line + "\n" for _, line in lines)
+    try:
+        for fields in reader:
+            yield reader.line_num, fields
+    except csv.Error as error:
+        raise ValueError(f"{path}, line {reader.line_num}: {error}") from None
+
+
+def _drop_trailing_blank(rows):
+    blank = []  # blank rows are held back: kept if a row follows, dropped at the end of the file
+    for number, fields in rows:
+        if fields in ([""], []):
+            blank.append((number, fields))
+            continue
+        yield from blank
+        blank.clear()
+        yield number, fields

@@ -299,11 +299,12 @@ def jsonl_case(w):
             str(w["root"] / "best")], "corpus.jsonl:2: not a JSON object"
 
 
-def test_bad_input_suite_is_large_enough_and_counted_in_readme():
-    """The suite below covers at least 60 distinct broken inputs, as many as README.md's Reliability says."""
+def test_bad_input_suite_is_large_enough_and_counted_in_the_reference():
+    """The suite below covers at least 60 distinct broken inputs, as many as docs/reference.md says."""
     print(f"bad-input suite: {len(BAD_INPUTS)} broken inputs")
     assert len(BAD_INPUTS) >= 60
-    stated = re.search(r"The tests try (\d+) distinct broken inputs", (ROOT / "README.md").read_text())
+    stated = re.search(r"The tests try (\d+) distinct broken inputs",
+                       (ROOT / "docs" / "reference.md").read_text())
     assert stated and int(stated.group(1)) == len(BAD_INPUTS)
 
 

@@ -3,14 +3,18 @@
 import importlib.resources
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import scipy.stats
 
-from conftest import ROOT, readme_block
+import train
+from conftest import ROOT, SMALL_GLUE, readme_block
 
 # -- the project as a whole: README's examples, the layering, the experiment driver ---------------------
 
@@ -36,7 +40,8 @@ def test_the_six_files_keep_their_layering():
     import ast
     files, system, plot = "support.files", "support.system", "support.plot"
     allowed = {"scheduler": set(), files: set(), system: set(), plot: set(), "electra": {files},
-               "glue_data": {files}, "mtop": {"electra", files},
+               "glue_data": {files, "support.tokenizer"}, "support.tokenizer": {files},
+               "mtop": {"electra", files},
                "support.glue_download": {"glue_data", files},
                "support.checks": {"glue_data", "electra", "mtop", "support.glue_download", files, system},
                "support.run_state": {"mtop", files, system},
@@ -120,3 +125,62 @@ def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path,
     logs = tmp_path / "results" / "p-logs"
     assert (logs / "a-seed0.log.jsonl").read_text() == '{"event": "step"}\n'
     assert (logs / "a-seed0.stdout.txt").read_text() == "done\n"
+
+
+def line_kind(line: str) -> str:
+    """What a line of train.py's output says, without its numbers and names (for comparing outputs)."""
+    kinds = [("labels", r"^\S+: (\d+ labels|regression on)"), ("rows", r"^\S+: \d+ train, "),
+             ("training", r"^training \d+ tasks"), ("probing", r"^probing \d+ rows"),
+             ("probe", r"^probe at step"), ("step", r"^step \d+/"), ("evaluating", r"^evaluating at step"),
+             ("dev", r"^dev at step"), ("one class", r"^warning: one class"), ("best", r"^best dev average"),
+             ("plot", r"^(plot|no plot)"), ("best model", r"^best model: "),
+             ("next", r"^label a corpus with it")]
+    return next((kind for kind, pattern in kinds if re.match(pattern, line)), f"other: {line[:40]}")
+
+
+def test_readme_quick_start_prints_what_its_committed_output_shows(tiny_model, token_cache, tmp_path, capsys):
+    """README's quick-start command, run on a tiny model and small GLUE files with fewer steps, prints the
+    same kinds of lines in the same order as the committed output of the real run
+    (experiments/results/quick-start/stdout.txt), and the README's excerpt is in that output."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
+    command = block[block.index("python train.py"):].replace("\\\n", " ").split()[2:]
+    committed = (ROOT / "experiments/results/quick-start/stdout.txt").read_text().splitlines()
+    smaller = {"--max-steps": "12", "--interval": "2", "--eval-every": "6", "--probe-size": "8",
+               "--max-train-examples": "24"}
+    argv = [smaller.get(command[i - 1], a) if i else a for i, a in enumerate(command)]
+    argv = [str(tiny_model) if a == "$M" else a for a in argv]
+    train.main(argv + ["--data-dir", str(SMALL_GLUE), "--cache-dir", str(token_cache), "--output-dir",
+                       str(tmp_path / "quick"), "--log-every", "3"])
+    printed = capsys.readouterr().out.splitlines()
+    first_seen = lambda lines: list(dict.fromkeys(line_kind(line) for line in lines))  # noqa: E731
+    expected = [k for k in first_seen(committed) if k != "one class"]  # a tiny model may warn, or not
+    assert [k for k in first_seen(printed) if k != "one class"] == expected
+    excerpt = re.search(r"## Quick start.*?```bash.*?```.*?```\n(.*?)```", readme, re.DOTALL).group(1)
+    for line in excerpt.splitlines():
+        assert line.replace("runs/quick", "/tmp/qs3") in committed, line
+
+
+def test_pip_install_makes_the_code_importable_from_any_folder(tmp_path):
+    """pyproject.toml builds (pip, as `pip install -e .` does) a package of the five modules and support/,
+    with requirements.txt's runtime dependencies: installed elsewhere, `from train import Labeller` works
+    from any folder."""
+    text = (ROOT / "pyproject.toml").read_text()
+    required = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    listed = json.loads(re.search(r"^dependencies = (\[.*\])$", text, re.M).group(1))
+    assert listed == [r for r in required if r]
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "runs", "experiments", "benchmarks",
+                                                                  "tests", "glue_data", "__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
+                            str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    [wheel] = tmp_path.glob("mtop-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+        names = set(z.namelist())
+    assert {"electra.py", "glue_data.py", "mtop.py", "scheduler.py", "train.py", "support/corpus.py"} <= names
+    code = "from train import Labeller; import train; print(train.__file__)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert found.returncode == 0 and found.stdout.strip() == str(tmp_path / "site" / "train.py"), found.stderr
