@@ -144,8 +144,11 @@ def predict_corpus(args) -> Path | None:
         part = tmp if world == 1 else target.with_name(f".{target.name}.part{rank}")
         try:
             with exit_on_sigterm():  # SIGTERM: the clean-up below runs
-                read = label_chunks(labeller, rows, tasks, part, args, rank, world)
+                read, mine = label_chunks(labeller, rows, tasks, part, args, rank, world)
+                shares = [mine]
                 if world > 1:
+                    shares = [0] * world
+                    dist.all_gather_object(shares, mine)  # the rows each process labelled, for the last line
                     dist.barrier()  # every part is complete
                     if rank == 0:
                         merge_parts([part.with_name(f".{target.name}.part{r}") for r in range(world)], tmp)
@@ -163,14 +166,17 @@ def predict_corpus(args) -> Path | None:
         if rank != 0:
             return None
         tmp.replace(target)
-    log(f"wrote {target}: {read} rows, tasks {', '.join(tasks)}")
+    per_process = f" (per process: {', '.join(map(str, shares))})" if world > 1 else ""
+    log(f"wrote {target}: {read} rows{per_process}, tasks {', '.join(tasks)}")
     return target
 
 
-def label_chunks(labeller: Labeller, rows, tasks: list[str], part: Path, args, rank: int, world: int) -> int:
+def label_chunks(labeller: Labeller, rows, tasks: list[str], part: Path, args, rank: int,
+                 world: int) -> tuple[int, int]:
     """Label the corpus's rows chunk by chunk into `part` (this process's batches of each chunk, in row
-    order), with a progress line per chunk; returns the rows read."""
-    started, read, pairs = time.perf_counter(), 0, len([c for c in args.text_columns.split(",") if c]) == 2
+    order), with a progress line per chunk; returns (the rows read, the rows this process labelled)."""
+    started, read, mine = time.perf_counter(), 0, 0
+    pairs = len([c for c in args.text_columns.split(",") if c]) == 2
     with open(part, "w", encoding="utf-8") as f:
         while block := list(itertools.islice(rows, args.predict_chunk)):
             encoded = labeller.encode([r[2] for r in block], [r[3] for r in block] if pairs else None)
@@ -180,12 +186,12 @@ def label_chunks(labeller: Labeller, rows, tasks: list[str], part: Path, args, r
                 result = found[k] if args.probabilities else {"labels": found[k]}
                 ident = {"id": block[k][1]} if args.id_column else {}
                 f.write(json.dumps({"row": block[k][0], **ident, **result}) + "\n")
-            read += len(block)
+            read, mine = read + len(block), mine + len(found)
             if world > 1:
                 dist.barrier()  # every process has done this chunk: the count below is right
             log(f"labelled {read} rows ({read / (time.perf_counter() - started):.0f} rows/s"
                 f"{f' over {world} processes' if world > 1 else ''})", rank)
-    return read
+    return read, mine
 
 
 def merge_parts(parts: list[Path], out: Path) -> None:

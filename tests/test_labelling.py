@@ -109,3 +109,16 @@ def test_a_custom_task_named_like_a_glue_split_trains_and_predicts(tiny_model, t
     with zipfile.ZipFile(out / "submission" / "test_predictions.zip") as z:
         assert z.namelist() == ["AX.tsv"]
         assert z.read("AX.tsv").decode().splitlines()[1].split("\t")[1] in ("world", "sports")
+
+
+def test_a_progress_line_comes_every_30_seconds_inside_a_chunk(trained_folder, tmp_path, monkeypatch, capsys):
+    """--predict prints a progress line inside a chunk whenever 30 seconds have passed (a clock that
+    moves 31 s per reading: a line per batch of 64), naming the chunk's rows."""
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("text\n" + "".join(f"text {i}\n" for i in range(300)))
+    clock = iter(range(0, 10**6, 31))
+    monkeypatch.setattr(labelling.time, "perf_counter", lambda: float(next(clock)))
+    train.main(["--predict", str(corpus), "--checkpoint", str(trained_folder), "--predict-chunk", "300"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rows 1-300: ")]
+    expected = [f"rows 1-300: {n}/300 rows" for n in (64, 128, 192, 256, 300)]
+    assert [line.split(" (")[0] for line in lines] == expected

@@ -180,8 +180,10 @@ def test_limit_heap_growth_keeps_large_tensors_out_of_the_heap(monkeypatch, tiny
 
 
 def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, token_cache, tmp_path):
-    """torchrun --nproc_per_node=2 train.py --predict: each rank labels its chunks, and the output equals a
-    one-process run line for line; --predict-output naming the input is refused, the input unchanged."""
+    """torchrun --nproc_per_node=2 train.py --predict: the processes share every chunk's batches, and the
+    output equals a one-process run byte for byte, with chunks of 300 rows and with the whole corpus in
+    one chunk (a corpus smaller than K chunks still keeps both processes busy, and the last line counts
+    each one's rows); --predict-output naming the input is refused, the input unchanged."""
     out = tmp_path / "run"
     train.main(run_args(tiny_model, token_cache, out, "--tasks", "SST-2,STS-B", "--max-steps", "4",
                         "--interval", "2", "--no-test"))
@@ -201,14 +203,16 @@ def test_torchrun_predict_shards_the_corpus_and_keeps_input_order(tiny_model, to
                           "--predict-output", str(tmp_path / "small.jsonl")])
     assert chunked.read_text() == single.read_text()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2",
-                           str(ROOT / "train.py"), "--predict", str(corpus), "--checkpoint",
-                           str(out / "best"),
-                           "--predict-output", str(tmp_path / "two.jsonl"), "--predict-chunk", "300"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "two.jsonl").read_text() == single.read_text()
+    for chunk in ("300", "4096"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(ROOT / "train.py"), "--predict", str(corpus), "--checkpoint", str(out / "best"),
+                   "--predict-output", str(tmp_path / "two.jsonl"), "--predict-chunk", chunk]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / "two.jsonl").read_text() == single.read_text()
+        shares = re.search(r"2500 rows \(per process: (\d+), (\d+)\)", done.stdout + done.stderr)
+        counts = [int(n) for n in shares.groups()] if shares else [0, 0]
+        assert sum(counts) == 2500 and min(counts) > 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no parts left
 
 
