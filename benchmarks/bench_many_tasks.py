@@ -28,7 +28,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,8 @@ import train  # noqa: E402
 from electra import Electra, ElectraConfig  # noqa: E402
 from mtop import MTOP, PromptConfig  # noqa: E402
 from support.labelling import forward_batches, predict_encoded, predict_tasks  # noqa: E402
+
+from bench_mtop import timed  # noqa: E402  (seconds that fn() takes, waiting for the GPU)
 
 SETTINGS = {"mtop": ("mtop", 4, 32), "mtop-small": ("mtop", 1, 8), "stopgrad": ("stopgrad", 4, 0),
             "none": ("none", 4, 0), "separate": ("separate", 4, 0)}
@@ -54,16 +55,6 @@ def texts(count: int, length: int, seed: int = 0) -> glue_data.Encoded:
     ids[:, 0], ids[:, -1] = 101, 102
     return glue_data.Encoded(ids.ravel(), np.zeros(count * length, np.int8),
                              np.arange(0, count * length + 1, length, dtype=np.int64), None, texts="bench")
-
-
-def seconds(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 class Cell:
@@ -173,7 +164,7 @@ def main() -> None:
                     if cell.setting != "separate" and round_ < 2:  # evaluation: one timed round
                         actions += ["eval_one_pass", "eval_per_task"]
                     for action in actions:
-                        spent = seconds(getattr(cell, action), options.device) * cell.scale(action)
+                        spent = timed(getattr(cell, action), options.device) * cell.scale(action)
                         if round_:
                             times.setdefault((cell.setting, action), []).append(spent)
             for cell in cells:
