@@ -193,10 +193,13 @@ class Layer(nn.Module):
         self.hidden_dropout = config.hidden_dropout_prob
         self.attn_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: slice | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D); with `rows`, only those positions' outputs (B, R, D): every
         position is still attended to, but queries, the feed-forward network and the norms run on
-        R rows instead of S (the last layer, where only the rows the heads read are needed)."""
+        R rows instead of S (the last layer, where only the rows the heads read are needed).
+        prefix: keys and values (P, D) each, attended to before the S positions and always kept: a hook
+        for deep prompts (baselines/ptuning_v2.py); MTOP's prompts enter as input vectors instead."""
         B, S, D = x.shape
         H = self.num_heads
         if rows is None:
@@ -207,6 +210,13 @@ class Layer(nn.Module):
             weight, bias = self.qkv.weight, self.qkv.bias  # rows 0..D-1 are the query projection
             q = F.linear(x, weight[:D], bias[:D]).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, R, K)
             k, v = F.linear(x_all, weight[D:], bias[D:]).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        if prefix is not None:
+            P = prefix[0].shape[0]
+            pk, pv = (p.to(k.dtype).view(1, P, H, D // H).transpose(1, 2) for p in prefix)  # (1, H, P, K)
+            k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)  # (B, H, P+S, K)
+            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(B, 1, 1, P), mask], dim=-1)  # (B, 1, 1, P+S)
         a = attention(q, k, v, mask, self.attn_dropout, self.training)  # (B, H, R, K)
         a = a.transpose(1, 2).reshape(B, -1, D)  # (B, R, D)
         # NOTE: post-LayerNorm (BERT/ELECTRA), not the pre-LayerNorm of GPT-2 and later models.
@@ -267,16 +277,19 @@ class Electra(nn.Module):
             x = x + self.position_embeddings.weight[:P]
         return dropout(self.embedding_norm(x), self.config.hidden_dropout_prob, self.training)
 
-    def encode(self, x: torch.Tensor, keep: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, keep: torch.Tensor, rows: slice | None = None,
+               prefixes: torch.Tensor | None = None) -> torch.Tensor:
         """The Transformer layers on embedded input x (B, S, E); keep (B, S) bool, True = a real
         position. Returns (B, S, D), or (B, R, D) with `rows`: the last layer computes only the
-        outputs of those positions (the rest would be thrown away)."""
+        outputs of those positions (the rest would be thrown away). prefixes: (layers, 2, P, D), each
+        layer's prefix keys and values (Layer.forward), or None."""
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)  # (B, S, D)
         # Without padding, pass no mask: SDPA can then take its fastest kernel.
         mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, S), True = attend
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, rows if i == len(self.layers) - 1 else None)
+            x = layer(x, mask, rows if i == len(self.layers) - 1 else None,
+                      None if prefixes is None else (prefixes[i, 0], prefixes[i, 1]))
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -43,6 +43,9 @@ LABELS = {  # how the runs are named in the tables
     "mtop-s8": "MTOP, S = 8", "mtop-dts-alpha1": "MTOP, DTS with alpha = 1",
     "mtop-meancls": "MTOP, heads also read [CLS] (`--pooling mean+cls`, ours)",
     "mtop-hlr1e-3": "MTOP, `--head-lr 1e-3` (ours)", "mtop-small": "MTOP, small pool (L = 1, S = 8)",
+    "ptuning-v2": "P-Tuning v2 (deep prompts, one pass per task)",
+    "mtop-s20": "MTOP, S = 20 (the paper's 4 per task)",
+    "meancls-s8": "MTOP, S = 8, `--pooling mean+cls`", "meancls-s0": "MTOP, S = 0, `--pooling mean+cls`",
 }
 
 

@@ -24,6 +24,8 @@ one evaluation at its end; the JSON holds every task's score from its own model.
 
 "seeds" in a run: the plan's seeds this run is trained with (default: all of them).
 
+"script": a run made by another script than train.py, with train.py's flags (baselines/ptuning_v2.py).
+
 "same_as": "<plan>/<run>": this configuration is already run by another plan; nothing is trained and
 aggregate.py takes that run's results, after checking that its flags are this run's flags.
 
@@ -107,15 +109,17 @@ def train_sizes(flags: list[str]) -> dict[str, int]:
 
 
 class Unit:
-    """One train.py process: a run of the plan, or one task's model of a single-task run."""
+    """One train.py process: a run of the plan, or one task's model of a single-task run. `script` is
+    train.py, or a run's "script" that wraps it (a baseline: baselines/ptuning_v2.py)."""
 
-    def __init__(self, flags: list[str], folder: Path):
+    def __init__(self, flags: list[str], folder: Path, script: str = "train.py"):
         self.flags, self.folder, self.process, self.started, self.resumed = flags, folder, None, 0.0, False
+        self.script = script
 
     def command(self) -> list[str]:
         resume = ["--resume"] if (self.folder / "checkpoint.safetensors").exists() else []
         self.resumed |= bool(resume)
-        return [sys.executable, str(ROOT / "train.py"), *self.flags, "--output-dir", str(self.folder),
+        return [sys.executable, str(ROOT / self.script), *self.flags, "--output-dir", str(self.folder),
                 *resume]
 
     def done(self) -> bool:
@@ -127,7 +131,7 @@ def units_of(plan: dict, run: dict, seed: int, work: Path, fill: dict) -> list[U
                                                                                  "--no-test"]
     folder = work / plan["name"] / f"{run['name']}-seed{seed}"
     if not run.get("single_task"):
-        return [Unit(flags, folder)]
+        return [Unit(flags, folder, run.get("script", "train.py"))]
     sizes = train_sizes(flags)
     total = int(flag_value(flags, "--max-steps"))
     units = []
