@@ -174,6 +174,8 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
                 # Welch's 95% interval, with the degrees of freedom rounded down (a little wider)
                 df = (a + b) ** 2 / (a ** 2 / (len(mine) - 1) + b ** 2 / (len(theirs) - 1)) if se > 0 else 1
                 half = T975[min(10, max(1, int(df)))] * se
+                verdict = "significant at the 5% level" if abs(gap) > half else "not significant"
+                values[f"{plan}.{name}.minus.{other}.verdict"] = verdict
                 values[f"{plan}.{name}.minus.{other}.low"] = f"{100 * (gap - half):.1f}"
                 values[f"{plan}.{name}.minus.{other}.high"] = f"{100 * (gap + half):.1f}"
             paired = [a["final"]["average"] - b["final"]["average"] for a in results for b in other_results
@@ -188,6 +190,14 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
                 values[f"{plan}.{name}.minus.{other}.paired_high"] = f"{100 * (np.mean(paired) + half):.1f}"
                 ahead = sum(d > 0 for d in paired)
                 values[f"{plan}.{name}.minus.{other}.ahead"] = f"{ahead} of {len(paired)}"
+                # the seeds from 2 on alone: those a plan added after a choice made on seeds 0 and 1
+                later = [a["final"]["average"] - b["final"]["average"] for a in results for b in other_results
+                         if a["seed"] == b["seed"] >= 2]
+                if len(later) > 1 and np.std(later) > 0:
+                    t = np.mean(later) / (np.std(later, ddof=1) / np.sqrt(len(later)))
+                    values[f"{plan}.{name}.minus.{other}.from2"] = f"{100 * np.mean(later):.1f}"
+                    values[f"{plan}.{name}.minus.{other}.from2_t"] = f"{t:.1f}"
+                    values[f"{plan}.{name}.minus.{other}.from2_n"] = str(len(later))
     # The plan's budget from a run trained as one model (a single-task run holds one flag list per task,
     # each with that task's share of the steps).
     flat = [r[0]["flags"] for r in runs.values() if not isinstance(r[0]["flags"][0], list)]

@@ -41,6 +41,9 @@ import glue_data  # noqa: E402
 import train  # noqa: E402
 from support.labelling import predict_encoded  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import commit, machine  # noqa: E402  (experiments/run.py: the code and the machine, as results name them)
+
 
 @torch.no_grad()
 def layer_trace(model, batch, prompts):
@@ -259,7 +262,8 @@ def main() -> None:
         path = out / f"{config['name']}.json"
         if path.exists():
             continue
-        result = run(config, options)
+        result = run(config, options) | {"commit": commit(), "machine": machine(gpu=False),
+                                          "threads": torch.get_num_threads()}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(path)
