@@ -145,7 +145,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
     """A local stand-in for the Hugging Face hub, for huggingface_hub: /{org}/{repo}/resolve/{revision}/{file}
     from root/{org}/{repo}/{revision}/{file}. HEAD and GET answer with the headers huggingface_hub reads
     (X-Repo-Commit: a commit hash per revision, ETag, Content-Length); a missing file gets 404 with
-    X-Error-Code EntryNotFound, a missing repo RepoNotFound. The Authorization headers are recorded."""
+    X-Error-Code EntryNotFound and the commit (so that the cache records it as absent), a missing repo
+    RepoNotFound. The Authorization headers are recorded."""
     root: Path
     seen: list
 
@@ -161,22 +162,25 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if len(parts) < 5 or parts[2] != "resolve":
             return self.refuse("RepoNotFound")
         repo, revision, name = self.root / parts[0] / parts[1], parts[3], "/".join(parts[4:])
+        commit = hashlib.sha1(f"{parts[1]}@{revision}".encode()).hexdigest()
         if not (repo / revision).is_dir():
             return self.refuse("RepoNotFound" if not repo.is_dir() else "RevisionNotFound")
         if not (repo / revision / name).is_file():
-            return self.refuse("EntryNotFound")
+            return self.refuse("EntryNotFound", commit)  # with the commit, as the hub: "known absent"
         data = (repo / revision / name).read_bytes()
         self.send_response(200)
-        self.send_header("X-Repo-Commit", hashlib.sha1(f"{parts[1]}@{revision}".encode()).hexdigest())
+        self.send_header("X-Repo-Commit", commit)
         self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if body:
             self.wfile.write(data)
 
-    def refuse(self, code: str) -> None:
+    def refuse(self, code: str, commit: str = "") -> None:
         self.send_response(404)
         self.send_header("X-Error-Code", code)
+        if commit:
+            self.send_header("X-Repo-Commit", commit)
         self.send_header("Content-Length", "0")
         self.end_headers()
 

@@ -40,8 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
 from support.files import atomic_write, read_json
 
@@ -474,12 +474,18 @@ def download_model(name: str, cache_dir: Path, hub_url: str | None = None,
     def get(filename: str, optional: bool = False) -> Path | None:
         try:
             return Path(hf_hub_download(name, filename, revision=revision, endpoint=hub_url))
-        except EntryNotFoundError:  # absent on the hub, or (offline) absent from the cache
+        except LocalEntryNotFoundError:  # not in the cache, and the hub not asked (offline) or not reached
+            known_absent = try_to_load_from_cache(name, filename, revision=revision) is _CACHED_NO_EXIST
+            if optional and known_absent:  # the hub said so when the model was fetched
+                return None
+            raise OSError(f"{name}: {filename} is not in the Hugging Face cache and the hub could not be "
+                          "asked (offline, or no network): fetch the model once online, or give a local "
+                          "folder") from None
+        except EntryNotFoundError:  # the hub says the repo has no such file
             if optional:
                 return None
-            raise OSError(f"{name}: no {filename} (on the hub at revision {revision or 'main'}, or in the "
-                          "Hugging Face cache when offline)") from None
-        except (HfHubHTTPError, OSError) as err:  # no such repo, gated, offline, network
+            raise OSError(f"{name}: no {filename} on the hub at revision {revision or 'main'}") from None
+        except (HfHubHTTPError, OSError) as err:  # no such repo, gated, network
             raise OSError(f"{name}: {filename} could not be fetched ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200]})") from None
     config = get("config.json")
@@ -511,9 +517,9 @@ def convert_pickled(weights: Path, snapshot: Path, folder: Path) -> None:
         kept = {k: v.detach().clone().contiguous() for k, v in state.items()
                 if isinstance(v, torch.Tensor) and not current_name(k).startswith(DROPPED)}
         save_file(kept, str(tmp / "model.safetensors"))
-        for file in snapshot.iterdir():
-            if file.name not in ("model.safetensors", "pytorch_model.bin"):
-                shutil.copyfile(file, tmp / file.name)  # through huggingface_hub's links
+        for name in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+            if (snapshot / name).is_file():
+                shutil.copyfile(snapshot / name, tmp / name)  # through huggingface_hub's links
         if folder.exists():  # another process finished first
             shutil.rmtree(tmp)
             return

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -502,12 +503,8 @@ def encode(tokenizer: Tokenizer, text_a: list[str], text_b: list[str] | None = N
     if text_b is not None and len(text_b) != len(text_a):
         raise ValueError(f"text_a has {len(text_a)} texts but text_b has {len(text_b)}")
     _set_truncation(tokenizer, max_length)
-    # NOTE: the tokenizer would split a whole 200 MB line before truncating it (tens of GB). A word piece
-    # comes from at most 100 characters (longer words are one [UNK]), so the first 200 * max_length
-    # characters hold every token that survives truncation, but in texts made mostly of space.
-    cut = 200 * max_length
-    text_a = [t[:cut] for t in text_a]
-    text_b = None if text_b is None else [t[:cut] for t in text_b]
+    text_a = [_head(t, max_length) for t in text_a]
+    text_b = None if text_b is None else [_head(t, max_length) for t in text_b]
     batch = text_a if text_b is None else list(zip(text_a, text_b))
     # encode_batch runs on Rust threads; the "fast" variant skips character offsets, which we do not use.
     encodings = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)(batch)
@@ -516,6 +513,25 @@ def encode(tokenizer: Tokenizer, text_a: list[str], text_b: list[str] | None = N
     flat = itertools.chain.from_iterable
     return Encoded(np.fromiter(flat(e.ids for e in encodings), np.int32, offsets[-1]),
                    np.fromiter(flat(e.type_ids for e in encodings), np.int8, offsets[-1]), offsets, None)
+
+
+# A run of letters and digits, or one other visible character that the normalizer keeps (not a control
+# or zero-width character, not a lone combining accent): each is at least one token.
+_UNIT = re.compile(r"[^\W_]+|[^\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202f\u0300-\u036f\ufeff\ufffd]")
+
+
+def _head(text: str, max_length: int) -> str:
+    """What of a text can reach max_length tokens. A text of up to 1,000 characters per token is kept
+    whole; a longer one is cut after its first 2 * max_length words and other visible characters, each
+    whole: each gives at least one token (a word of any length, one [UNK] at worst; _UNIT leaves out
+    what the normalizer drops), and the factor 2 is a margin for rarer such characters. The tokenizer
+    would otherwise split a whole 200 MB line before truncating it (tens of GB)."""
+    if len(text) <= 1000 * max_length:
+        return text
+    end = 0
+    for unit in itertools.islice(_UNIT.finditer(text), 2 * max_length):
+        end = unit.end()
+    return text[:end]
 
 
 def _set_truncation(tokenizer: Tokenizer, max_length: int) -> None:
@@ -540,11 +556,14 @@ def load_encoded(task: Task, split: str, data_dir: str | Path, tokenizer: Tokeni
     _set_truncation(tokenizer, max_length)  # so that the tokenizer's JSON is the same on every call
     is_test = split.startswith("test")
     source = (task.text, () if is_test else task.no_header, task.short_rows_ok)  # what picks the texts
-    texts = _digest(_CACHE_VERSION, hashlib.sha256(path.read_bytes()).hexdigest(), tokenizer.to_str(),
-                    str(max_length), repr(source))
+    shared = {} if shared is None else shared
+    stat = path.stat()  # a file read by many tasks is hashed once (the key names its size and time)
+    file_key = ("sha256", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if file_key not in shared:
+        shared[file_key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    texts = _digest(_CACHE_VERSION, shared[file_key], tokenizer.to_str(), str(max_length), repr(source))
     labels_key = _digest(texts, repr((task.label, task.labels, task.kind, task.missing, task.member,
                                       task.separator)), "test" if is_test else "labelled")
-    shared = {} if shared is None else shared
     cache = Path(cache_dir) if cache_dir is not None else None
     tokens = shared.get(texts) or _read_npz(cache and cache / f"tokens-{texts[:24]}.npz")
     labels = _read_npz(cache and cache / f"{task.name}-{split}-{labels_key[:24]}.npz")

@@ -404,13 +404,7 @@ class MTOP(nn.Module):
         """Write model.safetensors (every parameter, the encoder's under "encoder.") and mtop.json
         (tasks, prompt settings, encoder config, the caller's JSON-serialisable metadata)."""
         folder = Path(folder)
-        settings = {"format": "mtop", "version": 1, "tasks": [list(task) for task in self.tasks],
-                    **self.prompts.to_dict(), "freeze_encoder": self.freeze_encoder,
-                    "encoder_config": self.encoder.config.to_dict(), "metadata": metadata or {}}
-        try:  # before touching the disk: a bad metadata value leaves the folder as it was
-            text = json.dumps(settings, indent=2)
-        except TypeError as err:
-            raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
+        text = self.settings_text(metadata)  # before touching the disk: a bad value leaves the folder be
         if len(text.encode()) > MAX_SETTINGS_BYTES:  # load would refuse it
             raise ValueError(f"{SETTINGS_FILE} would be {len(text.encode())} bytes, over "
                              f"{MAX_SETTINGS_BYTES}: keep large metadata in a file of its own")
@@ -418,6 +412,17 @@ class MTOP(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         atomic_write(folder / SETTINGS_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+
+    def settings_text(self, metadata: dict | None = None) -> str:
+        """mtop.json's text: tasks, prompt settings, encoder config and the caller's metadata (ValueError
+        when the metadata is not JSON); save refuses a text over MAX_SETTINGS_BYTES, as load would."""
+        settings = {"format": "mtop", "version": 1, "tasks": [list(task) for task in self.tasks],
+                    **self.prompts.to_dict(), "freeze_encoder": self.freeze_encoder,
+                    "encoder_config": self.encoder.config.to_dict(), "metadata": metadata or {}}
+        try:
+            return json.dumps(settings, indent=2)
+        except TypeError as err:
+            raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
 
     @classmethod
     def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[MTOP, dict]:

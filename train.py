@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shlex
 import signal
 import sys
 import time
@@ -134,6 +135,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--predict-tasks", default="",
                    help="comma-separated tasks to label (default: every task that reads the corpus's texts)")
     g.add_argument("--probabilities", action="store_true", help="also write each class's probability")
+    g.add_argument("--predict-format", choices=("", "tsv", "csv", "jsonl"), default="",
+                   help="the corpus's format (default: by its suffix; a pipe has none: tsv)")
     g.add_argument("--predict-output", default="", help="output JSONL (default: <input>.predictions.jsonl)")
     g.add_argument("--predict-chunk", type=int, default=4096,
                    help="rows read, labelled and written at a time (under torchrun: their batches are "
@@ -338,9 +341,9 @@ def set_up(args, rank: int, world: int, device: str):
     tasks, model_dir, model_folder, tokenizer = prepare_inputs(args, rank, world, device)
     with user_errors():
         data = load_data(args, tasks, tokenizer, rank)
-        check_metadata_size(model_metadata(tasks, data, args), len(tasks))
         model = MTOP(Electra.from_pretrained(model_dir), [(t.name, t.num_labels) for t in tasks],
                      prompt_config(args), args.freeze_encoder).to(device)
+        check_metadata_size(model, model_metadata(tasks, data, args), tasks)
     return tasks, data, model, model_folder
 
 
@@ -501,12 +504,13 @@ def train(args: argparse.Namespace) -> dict:
                 run.keep_if_best(dev_evaluation(model, tasks, data, args, run), metadata, model_folder)
             left = run.step < total_steps
             stop = bool(args.stop_after) and run.invocation_steps >= args.stop_after and left
-            signalled = signals.requested(world, device) if left else 0
+            signalled = signals.requested(world, device)
             if run.step % eval_every == 0 or run.step % args.save_every == 0 or not left or stop or signalled:
                 run.save()
             if stop or signalled:
                 why = f"stopped by {signal.Signals(signalled).name}" if signalled else "stopping"
-                log(f"{why} after step {run.step}, checkpoint written; continue with --resume", rank)
+                log(f"{why} after step {run.step}, checkpoint written; " + (
+                    "continue with --resume" if left else "the run is complete; no test predictions"), rank)
                 break
     run.finish()  # under torchrun: every rank's fingerprint; then rank 0 alone goes on
     if signalled:
@@ -541,7 +545,7 @@ def finish_message(out: Path, tasks: list[glue_data.Task]) -> None:
         f"python -m support.plot {out})")
     columns = "text" if any(len(t.text) == 1 for t in tasks) else ",".join(tasks[0].text)
     log(f"best model: {out / 'best'}\nlabel a corpus with it: python train.py --predict corpus.tsv "
-        f"--checkpoint {out / 'best'} --text-columns {columns}")
+        f"--checkpoint {shlex.quote(str(out / 'best'))} --text-columns {shlex.quote(columns)}")
 
 
 if __name__ == "__main__":

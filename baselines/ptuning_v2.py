@@ -64,8 +64,12 @@ def main(argv: list[str]) -> dict:
     if "--predict" in argv or "--no-test" not in argv:
         raise SystemExit("error: the P-Tuning v2 baseline trains and evaluates only: give --no-test (its "
                          "best/ folder is not a model --predict can load)")
-    train.MTOP = PTuningV2
-    return train.main(argv)
+    built = train.MTOP
+    train.MTOP = PTuningV2  # what train.set_up builds
+    try:
+        return train.main(argv)
+    finally:
+        train.MTOP = built
 
 
 if __name__ == "__main__":

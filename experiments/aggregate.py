@@ -142,7 +142,7 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
             values[f"{plan}.{name}.{task}.min"] = f"{100 * min(scores):.1f}"
             values[f"{plan}.{name}.{task}.max"] = f"{100 * max(scores):.1f}"
             values[f"{plan}.{name}.{task}.above5"] = f"{sum(s > 0.05 for s in scores)} of {len(scores)}"
-            steps = [r["task_steps"].get(task, 0) for r in results]
+            steps = [r["task_steps"].get(task, 0) for r in results if r["task_steps"]] or [0]  # recovered: {}
             values[f"{plan}.{name}.{task}.steps"] = f"{np.mean(steps):.0f}"
             values[f"{plan}.{name}.{task}.steps.min"] = str(min(steps))
             values[f"{plan}.{name}.{task}.steps.max"] = str(max(steps))

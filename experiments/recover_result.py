@@ -56,10 +56,11 @@ def main() -> None:
               "flags": flags, "mode": like["mode"], "evals": evals, "final": evals[-1],
               "best": max(evals, key=lambda e: e["average"]), "task_steps": {}, "wall_seconds": None,
               "commit": like["commit"], "machine": like["machine"], "threads": like["threads"],
-              "resumed": like["resumed"],
+              "resumed": None,
               "recovered": f"from {options.log}: the training reached its step-{evals[-1]['step']} "
                            "evaluation and was killed before its JSON was written; scores as printed (two "
-                           "decimals), steps per task and wall time unknown; flags, commit and machine of "
+                           "decimals; Table 1's per-task metrics not printed), steps per task, wall time and "
+                           "whether it was resumed unknown; flags, commit and machine of "
                            f"{Path(options.like).name}"}
     path = Path(options.results) / options.plan / f"{options.run}-seed{options.seed}.json"
     if path.exists():

@@ -8,6 +8,7 @@
     run_state.py      Run: a run's folder, checkpoints without pickle, log.jsonl, best/, resume
     labelling.py      forward_batches, predict_encoded, predict_tasks, Labeller (one pass for all tasks)
     corpus.py         --predict: a corpus file labelled in chunks (ids, scores, torchrun)
+    submission.py     the GLUE leaderboard's files, and write_test_predictions
     plot.py           training.png from log.jsonl (needs matplotlib)
 
 Each module imports only the six files' lower layers and the modules above it in this list, never

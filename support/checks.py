@@ -10,7 +10,6 @@ line or flag and the fix, before a step is trained or a file written.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch.distributed as dist
 
 import glue_data
 from electra import ElectraConfig, resolve_pretrained
-from support.files import held
 from mtop import MAX_SETTINGS_BYTES, PromptConfig
+from support.files import held
 from support.glue_download import download_glue
 from support.system import cpu_has_bf16, log
 
@@ -67,7 +66,7 @@ def check_flags(args, device: str) -> None:
 def output_dir_held(args):
     """The run folder for this training alone: a lock file beside it (.<name>.lock, support.files.held),
     taken by the process of rank 0 (under torchrun, RANK=0; the job's other ranks share its folder)."""
-    out = Path(args.output_dir).absolute()
+    out = Path(args.output_dir).resolve()  # one lock for a folder, whatever path or link names it
     if os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()
     check_flags(args, args.device)  # a folder that cannot be written is refused before the lock is made
@@ -100,15 +99,21 @@ def check_data(tasks: list[glue_data.Task], args) -> None:
                              f"[CLS] and [SEP] take {1 + len(task.text)} of them")
 
 
-def check_metadata_size(metadata: dict, num_tasks: int) -> None:
-    """best/mtop.json must stay under its size limit (mtop.MAX_SETTINGS_BYTES), or the first evaluation
-    would fail to write it: the task list and labels, and room for each task's dev scores."""
-    size = len(json.dumps(metadata)) + 400 * num_tasks
+def check_metadata_size(model, metadata: dict, tasks: list[glue_data.Task]) -> int:
+    """best/mtop.json must stay under its size limit, or the first evaluation would fail to write it:
+    model.settings_text of the metadata with a dev result of the largest shape (every metric of every
+    split at full precision, each task's longest label as its one class). Returns that size."""
+    value = 1 / 3  # 0.3333333333333333: a float's longest repr but for its exponent forms
+    metrics = {t.name: {f"{m}_{split}": value for m in t.metrics for split in t.dev_splits} for t in tasks}
+    scores = {t.name: value for t in tasks}
+    longest = {t.name: max(t.labels or [""], key=len) for t in tasks}
+    dev = {"metrics": metrics, "scores": scores, "average": value, "primary": scores, "paper_average": value,
+           "one_class": longest}
+    size = len(model.settings_text(metadata | {"step": 10**9, "dev": dev}).encode())
     if size > MAX_SETTINGS_BYTES:
-        longest = max(metadata["tasks"], key=lambda t: len(json.dumps(t)))
-        raise ValueError(f"the tasks' labels would make best/mtop.json about {size} bytes, over its limit of "
-                         f"{MAX_SETTINGS_BYTES}; task {longest['name']!r} alone has {len(longest['labels'])} "
-                         "labels: fewer or shorter labels")
+        raise ValueError(f"the tasks' names and labels would make best/mtop.json up to {size} bytes, over "
+                         f"its limit of {MAX_SETTINGS_BYTES}: fewer or shorter labels (or tasks)")
+    return size
 
 
 def prompt_config(args) -> PromptConfig:

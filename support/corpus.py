@@ -17,6 +17,7 @@ import errno
 import heapq
 import itertools
 import json
+import os
 import stat
 import time
 from pathlib import Path
@@ -26,17 +27,19 @@ import torch.distributed as dist
 import glue_data
 from support.checks import check_device, user_errors, writable
 from support.files import held
-from support.labelling import Labeller
-from support.system import exit_on_sigterm, log, setup_distributed
+from support.labelling import Labeller, other_shape
+from support.system import broadcast, exit_on_sigterm, log, setup_distributed
 
 
-def read_corpus(path: Path, columns: list[str], id_column: str = ""):
+def read_corpus(path: Path, columns: list[str], id_column: str = "", kind: str = ""):
     """Yield (row, id or None, text_a, text_b or None) from a corpus: a .jsonl file (one JSON object per
-    line, key "text" by default), or a .tsv/.csv file with a header (the first column by default). Bad
-    input: SystemExit naming the file and line."""
+    line, key "text" by default), or a .tsv/.csv file with a header (the first column by default); `kind`
+    (jsonl, tsv, csv) overrides the suffix, and a path without one (a pipe) is a TSV. Bad input:
+    SystemExit naming the file and line."""
     check_columns(columns, id_column)
+    kind = kind or {".jsonl": "jsonl", ".csv": "csv"}.get(path.suffix.lower(), "tsv")
     try:
-        reader = _read_jsonl if path.suffix.lower() == ".jsonl" else _read_table
+        reader = _read_jsonl if kind == "jsonl" else lambda *a: _read_table(*a, kind=kind)
         for row, (ident, text_a, text_b) in enumerate(reader(path, columns, id_column)):
             yield row, ident, text_a, text_b
     except ValueError as err:  # glue_data's readers name the file and line
@@ -73,8 +76,8 @@ def _read_jsonl(path: Path, columns: list[str], id_column: str):
         yield record[id_column] if id_column else None, texts[0], texts[1] if len(texts) > 1 else None
 
 
-def _read_table(path: Path, columns: list[str], id_column: str):
-    header, rows = glue_data.read_table(path)
+def _read_table(path: Path, columns: list[str], id_column: str, kind: str = ""):
+    header, rows = glue_data.read_table(path, kind=kind)
     keys = columns or [header[0]]
     missing = [k for k in keys + [id_column] * bool(id_column) if k not in header]
     if missing:
@@ -88,15 +91,20 @@ def _read_table(path: Path, columns: list[str], id_column: str):
         yield ident, fields[where[0]], fields[where[1]] if len(keys) > 1 else None
 
 
-def check_paths(source: Path, target: Path, world: int) -> None:
-    """--predict's input must exist (a file, or a pipe read by one process) and its output be writable,
-    and not the input, before the model loads."""
+def check_paths(source: Path, target: Path | None, world: int) -> Path:
+    """--predict's input must exist (a file, or a pipe read by one process) and its output (default:
+    <input>.predictions.jsonl beside a file) be writable, and not the input, before the model loads."""
     if not source.exists() or source.is_dir():
         raise SystemExit(f"error: --predict: no such file {source}")
-    if not source.is_file() and world > 1:
+    if not source.is_file():
         kind = "a pipe" if stat.S_ISFIFO(source.stat().st_mode) else "not a regular file"
-        raise SystemExit(f"error: --predict {source} is {kind}, which only one process can read; under "
-                         "torchrun give a file")
+        if world > 1:
+            raise SystemExit(f"error: --predict {source} is {kind}, which only one process can read; under "
+                             "torchrun give a file")
+        if target is None:
+            raise SystemExit(f"error: --predict {source} is {kind}, with no folder to write beside: give "
+                             "--predict-output (and --predict-format when it is not a TSV)")
+    target = target or Path(f"{source}.predictions.jsonl")
     if target.resolve() == source.resolve():
         raise SystemExit(f"error: --predict-output {target} is the input file; give another path (nothing "
                          "was written)")
@@ -106,6 +114,7 @@ def check_paths(source: Path, target: Path, world: int) -> None:
     if target.is_dir() or not writable(target.parent) or target.exists() and not writable(target):
         raise SystemExit(f"error: --predict-output {target}: cannot write a file there (a folder, or "
                          "read-only); give another path (nothing was written)")
+    return target
 
 
 def choose_tasks(labeller: Labeller, pairs: bool, rank: int) -> list[str]:
@@ -114,26 +123,24 @@ def choose_tasks(labeller: Labeller, pairs: bool, rank: int) -> list[str]:
     with user_errors():
         tasks, left_out = labeller.tasks_to_label(pairs)
     if left_out:
-        shape, fix = (("single texts", "name one --text-columns") if pairs else
-                      ("sentence pairs", "name two columns with --text-columns a,b"))
-        log(f"left out: {', '.join(left_out)} (they read {shape}; {fix} to label them)", rank)
+        fix = "name one --text-columns" if pairs else "name two columns with --text-columns a,b"
+        log(f"left out: {', '.join(left_out)} (they read {other_shape(pairs)}; {fix} to label them)", rank)
     return tasks
 
 
 def predict_corpus(args) -> Path | None:
     """--predict: label every row of a corpus, a chunk of --predict-chunk rows at a time (constant memory),
-    into --predict-output, which one process at a time may write. Under torchrun each chunk's batches are
+    into --predict-output, which one job at a time may write. Under torchrun each chunk's batches are
     dealt out (Labeller.label_encoded's shard) and rank 0 merges the processes' parts by row."""
     check_device(args.device)
     rank, world, device = setup_distributed(args.device)
     folder = Path(args.checkpoint or Path(args.output_dir) / "best")
     source = Path(args.predict)
-    target = Path(args.predict_output or f"{source}.predictions.jsonl")
+    target = check_paths(source, Path(args.predict_output) if args.predict_output else None, world)
     columns = [c for c in args.text_columns.split(",") if c]
-    check_paths(source, target, world)
-    lock = target.with_name(f".{target.name}.lock")
-    with held(lock, f"--predict-output {target}") if rank == 0 else contextlib.nullcontext():
-        rows = read_corpus(source, columns, args.id_column)
+    with contextlib.ExitStack() as stack:
+        job = hold_output(stack, target, rank, world)
+        rows = read_corpus(source, columns, args.id_column, args.predict_format)
         first = next(rows, None)  # the header and the first row are checked before the model loads
         rows = itertools.chain([first] if first else [], rows)
         with user_errors():
@@ -141,17 +148,17 @@ def predict_corpus(args) -> Path | None:
                                 tasks=[t for t in args.predict_tasks.split(",") if t] or None)
         tasks = choose_tasks(labeller, len(columns) == 2, rank)
         tmp = target.with_name(f".{target.name}.tmp")
-        part = tmp if world == 1 else target.with_name(f".{target.name}.part{rank}")
+        part = tmp if world == 1 else target.with_name(f".{target.name}.{job}.part{rank}")
         try:
             with exit_on_sigterm():  # SIGTERM: the clean-up below runs
-                read, mine = label_chunks(labeller, rows, tasks, part, args, rank, world)
+                read, mine = label_chunks(labeller, rows, tasks, len(columns) == 2, part, args, rank, world)
                 shares = [mine]
                 if world > 1:
                     shares = [0] * world
-                    dist.all_gather_object(shares, mine)  # the rows each process labelled, for the last line
-                    dist.barrier()  # every part is complete
+                    dist.all_gather_object(shares, mine)  # every part is complete; each one's row count
                     if rank == 0:
-                        merge_parts([part.with_name(f".{target.name}.part{r}") for r in range(world)], tmp)
+                        merge_parts([part.with_name(f".{target.name}.{job}.part{r}") for r in range(world)],
+                                    tmp)
                     dist.barrier()
         except BaseException as err:
             tmp.unlink(missing_ok=True)  # a half-written output never takes the target's name
@@ -171,12 +178,27 @@ def predict_corpus(args) -> Path | None:
     return target
 
 
-def label_chunks(labeller: Labeller, rows, tasks: list[str], part: Path, args, rank: int,
+def hold_output(stack: contextlib.ExitStack, target: Path, rank: int, world: int) -> str:
+    """The output for this job alone: rank 0 takes its lock (support.files.held) in `stack`; every rank
+    learns whether it could (a refused job stops on every rank, before any file is touched) and the job's
+    name for its part files (rank 0's process id, so that no other job's parts are touched)."""
+    refused = ""
+    if rank == 0:
+        try:
+            stack.enter_context(held(target.with_name(f".{target.name}.lock"), f"--predict-output {target}"))
+        except SystemExit as err:
+            refused = str(err.code)
+    refused, job = broadcast((refused, os.getpid()), world)
+    if refused:
+        raise SystemExit(refused)
+    return str(job)
+
+
+def label_chunks(labeller: Labeller, rows, tasks: list[str], pairs: bool, part: Path, args, rank: int,
                  world: int) -> tuple[int, int]:
     """Label the corpus's rows chunk by chunk into `part` (this process's batches of each chunk, in row
     order), with a progress line per chunk; returns (the rows read, the rows this process labelled)."""
     started, read, mine = time.perf_counter(), 0, 0
-    pairs = len([c for c in args.text_columns.split(",") if c]) == 2
     with open(part, "w", encoding="utf-8") as f:
         while block := list(itertools.islice(rows, args.predict_chunk)):
             encoded = labeller.encode([r[2] for r in block], [r[3] for r in block] if pairs else None)

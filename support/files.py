@@ -123,6 +123,12 @@ def held(path: Path, what: str):
             file.close()
             raise SystemExit(f"error: {what} is in use by another process ({holder or 'unknown'}); wait for "
                              "it to end, or use another one") from None
+        except OSError as err:  # a file system without locks (some network ones): go on, and say so
+            file.close()
+            print(f"warning: {what}: {path} cannot be locked here ({err.strerror}); nothing keeps a second "
+                  "process out of it", flush=True)
+            yield
+            return
         if path.exists() and os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
             break  # the lock is on the file at `path`, not on one its last holder removed meanwhile
         file.close()
@@ -157,7 +163,7 @@ def name_problem(name: object) -> str:
 csv.field_size_limit(2**31 - 1)
 
 
-def read_table(path: Path, header: tuple[str, ...] | None = None):
+def read_table(path: Path, header: tuple[str, ...] | None = None, kind: str = ""):
     """(header, rows): rows yields (line number, fields) of a .tsv or .csv file, streaming; every text file
     the project takes (training, dev, test, a corpus to label) is read by this one function.
 
@@ -165,9 +171,10 @@ def read_table(path: Path, header: tuple[str, ...] | None = None):
     it is dropped; a lone "\\r" stays in the text), blank lines at the end of the file are ignored, no
     limit on a field's length. A .tsv splits on tabs with no quoting (a '"' is text); a .csv follows the
     csv module's defaults (commas, '"' quotes fields and may hold line breaks). `header` names the columns
-    of a file without a header row (CoLA train/dev). Errors name the file and line."""
+    of a file without a header row (CoLA train/dev); `kind` ("csv" or "tsv") overrides the suffix (a pipe
+    has none). Errors name the file and line."""
     lines = text_lines(path)
-    if path.suffix.lower() == ".csv":
+    if (kind or path.suffix.lower().lstrip(".")) == "csv":
         rows = _csv_rows(path, lines)
     else:
         # NOTE: no quote handling. With quoting on, a field that starts with '"' swallows the tabs and

@@ -170,6 +170,11 @@ def check_metadata(metadata: dict, model: MTOP, path: Path) -> list[dict]:
     return tasks
 
 
+def other_shape(pairs: bool) -> str:
+    """What the tasks left out of an input read: single texts when the input is pairs, else pairs."""
+    return "single texts" if pairs else "sentence pairs"
+
+
 class Labeller:
     """A trained model folder (runs/.../best) that labels texts with its tasks from one encoder pass per
     batch. From Python:
@@ -224,9 +229,8 @@ class Labeller:
         tasks, left_out = self.tasks_to_label(pairs is not None)
         if left_out and (pairs is not None) not in self._named:
             self._named.add(pairs is not None)
-            shape = "single texts" if pairs is not None else "sentence pairs"
-            warnings.warn(f"Labeller: {', '.join(left_out)} read {shape}, so they are left out of this input",
-                          stacklevel=2)
+            warnings.warn(f"Labeller: {', '.join(left_out)} read {other_shape(pairs is not None)}, so they "
+                          "are left out of this input", stacklevel=2)
         found = self.label_encoded(encoded, tasks, probabilities, progress=progress)
         return [found[row] for row in range(len(encoded))]
 
@@ -246,9 +250,12 @@ class Labeller:
         fits = self.tasks_for(pairs)
         left_out = [t for t in self.tasks if t not in fits]
         if left_out and self.chosen:
-            shape, fix = ("single texts", "give texts alone") if pairs else ("sentence pairs", "give pairs")
-            raise ValueError(f"Labeller: task {left_out[0]!r} reads {shape}; {fix}, or leave it out of the "
-                             "tasks chosen")
+            fix = "give texts alone" if pairs else "give pairs"
+            raise ValueError(f"Labeller: task {left_out[0]!r} reads {other_shape(pairs)}; {fix}, or leave it "
+                             "out of the tasks chosen")
+        if not fits:
+            raise ValueError(f"Labeller: no task of this model reads {other_shape(not pairs)}: its tasks "
+                             f"({', '.join(self.tasks)}) read {other_shape(pairs)}")
         return fits, left_out
 
     @torch.no_grad()

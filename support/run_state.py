@@ -47,7 +47,7 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # earlier versions pickled the state: never
 RUN_ONLY = {"resume", "stop_after", "log_every", "save_every", "output_dir", "no_test", "device", "cache_dir",
             # --predict's flags: a training never reads them
             "predict", "checkpoint", "text_columns", "predict_output", "predict_chunk", "id_column",
-            "predict_tasks", "probabilities", "revision",
+            "predict_tasks", "probabilities", "revision", "predict_format",
             "argv"}  # the command line as given (args.json), not a flag
 # Flags newer than some checkpoints, with the value that trains as the code before them did: a checkpoint
 # without one was written with that value, so --resume compares against it (train.py's defaults).
@@ -199,8 +199,7 @@ def data_fingerprint(tasks: list, data: dict) -> dict[str, str]:
     out = {}
     for task in tasks:
         d = data[task.name]
-        encoded, rows = d["train"], d["train_idx"]
-        out[task.name] = digest(encoded.ids, encoded.offsets, rows, encoded.labels)
+        out[task.name] = digest(*labelled_rows(d["train"], d["train_idx"]))
         out[f"{task.name}/dev"] = digest(*(a for e in d["dev"].values() for a in (e.ids, e.offsets, e.labels,
                                                                                      e.labelled)))
         probe, probe_rows = d["probe"]
@@ -209,6 +208,19 @@ def data_fingerprint(tasks: list, data: dict) -> dict[str, str]:
                       task.separator)
         out[f"{task.name}/task"] = hashlib.sha256(repr(definition).encode()).hexdigest()[:16]
     return out
+
+
+def labelled_rows(encoded, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(ids, offsets, rows, labels) of the rows with a label only, `rows` as positions among them: the
+    training data as every version of train.py held it (before rows without a label kept their text), so
+    that a checkpoint of any version compares alike."""
+    labelled = encoded.labelled if encoded.labelled is not None else np.arange(len(encoded))
+    if len(labelled) == len(encoded):
+        return encoded.ids, encoded.offsets, rows, encoded.labels
+    starts, lengths = encoded.offsets[labelled], np.diff(encoded.offsets)[labelled]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = encoded.ids[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]
+    return ids, offsets, np.searchsorted(labelled, rows), encoded.labels[labelled]
 
 
 def check_state(state, tasks: list[str], path: Path) -> None:
@@ -248,11 +260,12 @@ def check_state(state, tasks: list[str], path: Path) -> None:
         for key in ("lr", "initial_lr"):
             value = group.get(key, 0.0) if isinstance(group, dict) else None
             if not rate(value):
-                bad(f"optimizer.param_groups.{key}", f"is {value!r}, not a finite learning rate >= 0")
+                bad(f"optimizer.param_groups.{key}", f"is {value!r}, not a learning rate from 0 to 1000")
     schedule = state["lr_schedule"]
-    for value in schedule.get("base_lrs", []) + schedule.get("_last_lr", []):
-        if not rate(value):
-            bad("lr_schedule.base_lrs", f"holds {value!r}, not a finite learning rate >= 0")
+    for key in ("base_lrs", "_last_lr"):
+        values = schedule.get(key, [])
+        if not isinstance(values, list) or not all(rate(v) for v in values):
+            bad(f"lr_schedule.{key}", f"is {str(values)[:60]}, not a list of learning rates from 0 to 1000")
     if not isinstance(schedule.get("last_epoch", 0), int) or not 0 <= schedule.get("last_epoch", 0) <= step:
         bad("lr_schedule.last_epoch", f"is {schedule.get('last_epoch')!r}, not a step from 0 to {step}")
     for task in tasks:
@@ -261,6 +274,15 @@ def check_state(state, tasks: list[str], path: Path) -> None:
         if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_COUNT for n in counts):
             bad(f"streams.{task}", f"is {stream!r}, not {{'epoch': n, 'position': n}} with 0 <= n <= "
                                    f"{MAX_COUNT}")
+
+
+def still_to_come(step: int, total: int, eval_every: int, interval: int) -> tuple[int, int]:
+    """(evaluations, probes) a run has left once `step` of `total` steps are trained (the progress line's
+    moment, before that step's own evaluation): an evaluation after every eval_every-th step and after the
+    last; a probe before every interval-th step from step 0 on (none when interval is 0: no DTS)."""
+    evals = total // eval_every - (step - 1) // eval_every + (total % eval_every != 0)
+    probes = (total - 1) // interval - (step - 1) // interval if interval else 0
+    return evals, probes
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -381,6 +403,8 @@ class Run:
                 if name != "step" and (not torch.is_tensor(value) or value.shape != param.shape):
                     raise ValueError(f"optimizer {name} of shape {tuple(getattr(value, 'shape', ()))} for a "
                                      f"parameter of shape {tuple(param.shape)}")
+                if name != "step" and value.dtype != param.dtype:  # load_state_dict casts without a word
+                    raise ValueError(f"optimizer {name} is {value.dtype}, its parameter's is {param.dtype}")
         parts["lr_schedule"].load_state_dict(state["lr_schedule"])
         parts["sampler"].load_state_dict(state["sampler"])
         for name, stream in state["streams"].items():
@@ -431,8 +455,9 @@ class Run:
             return
         self.last_line = now
         left = total_steps - self.step
-        evals = left // eval_every + (total_steps % eval_every != 0) + (not self.args.no_test)  # test ~ eval
-        probes = -(-left // self.args.interval) if self.args.sampler == "dts" else 0
+        evals, probes = still_to_come(self.step, total_steps, eval_every,
+                                      self.args.interval if self.args.sampler == "dts" else 0)
+        evals += not self.args.no_test  # the test predictions take about an evaluation
         eta = self.train_seconds / self.invocation_steps * left + evals * (self.timed.get("eval") or 0) \
             + probes * (self.timed.get("probe") or 0)
         untimed = [what for what, n in (("eval", evals), ("probe", probes)) if n and what not in self.timed]

@@ -23,6 +23,7 @@ import gc
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -120,7 +121,9 @@ class StopSignals:
         self.received = 0
 
     def __enter__(self) -> StopSignals:
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        main = threading.current_thread() is threading.main_thread()  # handlers: the main thread's only
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)} if main \
+            else {}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,6 +150,9 @@ def exit_on_sigterm():
     run (--predict removes its temporary output); the previous handler comes back on exit."""
     def stop(number, frame):
         raise SystemExit(f"error: stopped by {signal.Signals(number).name}; nothing was written")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield

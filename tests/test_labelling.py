@@ -1,6 +1,8 @@
 """Labelling: --predict (rows, ids, scores, task choice, torchrun) and Labeller."""
 
 import json
+import os
+import threading
 import zipfile
 
 import numpy as np
@@ -86,7 +88,8 @@ def test_predict_corpus_labels_each_row_with_its_id_scores_and_the_tasks_chosen(
 
 def test_a_shard_of_the_batches_gives_what_one_process_gives_for_its_rows(trained_folder):
     """Labeller.label_encoded with shard (r, K): the K shards' rows are disjoint, cover the input, and each
-    row's result is bitwise the one-process result; a 100-row input (two batches) gives both of two
+    row's result is the one-process result (its labels and probabilities as written); a 100-row input
+    (two batches) gives both of two
     processes work."""
     labeller = train.Labeller(trained_folder)
     texts = [f"sentence {i} " + "word " * (i % 23) for i in range(100)]
@@ -122,3 +125,19 @@ def test_a_progress_line_comes_every_30_seconds_inside_a_chunk(trained_folder, t
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rows 1-300: ")]
     expected = [f"rows 1-300: {n}/300 rows" for n in (64, 128, 192, 256, 300)]
     assert [line.split(" (")[0] for line in lines] == expected
+
+
+def test_a_pipe_needs_an_output_and_its_format_can_be_named(trained_folder, tmp_path):
+    """A pipe has no folder to write beside and no suffix: without --predict-output it is refused before
+    any work; with it a TSV stream is labelled, and --predict-format jsonl reads a JSONL stream."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(SystemExit, match="is a pipe, with no folder to write beside: give --predict-output"):
+        train.main(["--predict", str(fifo), "--checkpoint", str(trained_folder)])
+    lines = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(12))
+    writer = threading.Thread(target=lambda: fifo.write_text(lines))
+    writer.start()
+    train.main(["--predict", str(fifo), "--checkpoint", str(trained_folder), "--predict-format", "jsonl",
+                "--predict-output", str(tmp_path / "out.jsonl")])
+    writer.join()
+    assert [json.loads(line)["row"] for line in open(tmp_path / "out.jsonl")] == list(range(12))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT, SMALL_GLUE, Payload, edit_checkpoint, edit_json, make_world, run_args
+from support import checks as support_checks
 from support import run_state
 
 # -- support/run_state.py through train.py: run state that never runs code, is never lost or non-finite ---
@@ -238,3 +239,33 @@ def test_full_disk_stops_the_run_with_one_message_and_keeps_the_last_checkpoint(
     assert not list(out.glob(".checkpoint*"))  # no temporary file left behind
     monkeypatch.setattr(run_state, "save_file", real)
     assert train.main(run_args(tiny_model, token_cache, out, *common, "--resume"))["step"] == 6
+
+
+def test_the_size_check_of_mtop_json_bounds_the_file_evaluations_write(tiny_model, token_cache, tmp_path):
+    """support.checks.check_metadata_size, run before the first step, is an upper bound of the size of the
+    best/mtop.json a run then writes (here with long task names and labels, two dev splits for MNLI-like
+    names), so a run it lets through never fails to write it."""
+    world = make_world(tmp_path / "w", tiny_model)
+    edit_json(tmp_path / "w" / "tasks.json", lambda spec: spec["tasks"][2].update(
+        name="k" * 90, labels=["yes", "no"] + [f"label {i} " + "x" * 90 for i in range(200)]))
+    args = train.parse_args(world["flags"] + ["--max-steps", "2"])
+    train.start_process(args)
+    tasks, data, model, _ = train.set_up(args, 0, 1, "cpu")
+    bound = support_checks.check_metadata_size(model, train.model_metadata(tasks, data, args), tasks)
+    train.main(world["flags"] + ["--max-steps", "2"])
+    written = (tmp_path / "w" / "run" / "best" / "mtop.json").stat().st_size
+    assert written <= bound < 2 * written
+
+
+def test_the_eta_counts_the_evaluations_and_probes_still_to_come():
+    """run_state.still_to_come, the ETA's counts once a step is trained (before its own evaluation),
+    against counting them one step at a time: an evaluation after every eval_every-th step and after the
+    last, a DTS probe before every interval-th step."""
+    for total in range(1, 40):
+        for every in range(1, 12):
+            for interval in range(0, 12):
+                for step in range(1, total + 1):
+                    evals = sum(1 for k in range(step, total + 1) if k % every == 0 or k == total)
+                    probes = sum(1 for k in range(step, total) if interval and k % interval == 0)
+                    assert run_state.still_to_come(step, total, every, interval) == (evals, probes), \
+                        (step, total, every, interval)

@@ -15,6 +15,7 @@ import glue_data
 import train
 from conftest import ROOT, SMALL_GLUE, count_encoder_passes, many_label_set, run_args
 from support import labelling, run_state
+from support import submission as support_submission
 
 # -- train.py: end to end, resume, prediction, torchrun -------------------------
 
@@ -50,7 +51,8 @@ def test_evaluation_probes_and_test_files_of_tasks_on_one_file_take_one_pass(tin
                                                                              tmp_path, monkeypatch, mode):
     """Six tasks on one set of files (a missing label on some rows of one): the dev evaluation and the
     probes encode each dev text once (one pass per batch for all six), and give the scores that each
-    task's own passes give (predict_encoded per task); the test predictions too, one pass for all."""
+    task's own passes give (predict_encoded per task); and the test predictions of the six tasks come
+    from one pass per batch too."""
     task_set = many_label_set(tmp_path)
     args = train.parse_args(run_args(tiny_model, token_cache, tmp_path / "run", "--task-set", str(task_set),
                                      "--mode", mode, "--no-test", "--probe-size", "10"))
@@ -70,8 +72,15 @@ def test_evaluation_probes_and_test_files_of_tasks_on_one_file_take_one_pass(tin
     assert grouped == alone and probed == probed_alone  # bitwise: see predict_tasks
     assert len(data["lang"]["dev"]["dev"].labelled) < len(data["sport"]["dev"]["dev"].labelled)
     monkeypatch.undo()
+    recorded, real_predict_tasks = [], support_submission.predict_tasks
+
+    def counting(model, requests, *args, **kwargs):
+        recorded.append(count_encoder_passes(model))  # this list fills as the passes run
+        return real_predict_tasks(model, requests, *args, **kwargs)
+    monkeypatch.setattr(support_submission, "predict_tasks", counting)
     train.main(run_args(tiny_model, token_cache, tmp_path / "run", "--task-set", str(task_set), "--mode",
                         mode, "--max-steps", "2", "--sampler", "uniform"))
+    assert len(recorded) == 1 and len(recorded[0]) == 1  # 16 test texts, one batch: one pass for six tasks
     with zipfile.ZipFile(tmp_path / "run" / "submission" / "test_predictions.zip") as z:
         assert sorted(z.namelist()) == sorted(f"{t.name}.tsv" for t in tasks)
         assert all(len(z.read(name).decode().splitlines()) == 1 + 16 for name in z.namelist())
@@ -158,3 +167,23 @@ def test_torchrun_ranks_agree(tiny_model, token_cache, tmp_path):
     assert sorted(ranks) == ["0", "1"], done.stdout
     assert ranks["0"][:2] == ranks["1"][:2]  # the same task at every step, the same weights at the end
     assert ranks["0"][2] != ranks["1"][2]  # but each rank trained on its own batches
+
+
+def test_a_short_run_says_what_dts_will_do_and_only_glue_gets_table_1s_average(tiny_model, token_cache,
+                                                                               tmp_path, capsys):
+    """With --interval longer than the run, DTS would probe once and rotate the tasks: the start of the run
+    says so and what to give instead; a custom task set's evaluation line has no "Table 1's" average,
+    GLUE's has; the last lines name best/ and the command that labels a corpus with it."""
+    train.main(run_args(tiny_model, token_cache, tmp_path / "glue", "--tasks", "RTE,STS-B", "--max-steps",
+                        "4", "--no-test"))
+    out = capsys.readouterr().out
+    assert "warning: DTS probes every --interval 1000 steps, so in 4 steps it probes once" in out
+    assert "give --interval 1 for about five probes, or --sampler proportional" in out
+    assert re.search(r"dev at step 4: average [\d.-]+ \(Table 1's: [\d.-]+\)", out)
+    assert f"best model: {tmp_path / 'glue' / 'best'}" in out
+    assert "label a corpus with it: python train.py --predict corpus.tsv" in out
+    task_set = many_label_set(tmp_path / "custom")
+    train.main(run_args(tiny_model, token_cache, tmp_path / "custom-run", "--task-set", str(task_set),
+                        "--max-steps", "4", "--interval", "2", "--no-test"))
+    out = capsys.readouterr().out
+    assert "warning: DTS" not in out and "Table 1's" not in out and "dev at step 4: average" in out
