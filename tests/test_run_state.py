@@ -1,6 +1,7 @@
 """support/run_state.py through train.py: run state that never runs code, is never lost or non-finite."""
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -13,8 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import glue_data
 import train
-from conftest import ROOT, SMALL_GLUE, Payload, edit_checkpoint, edit_json, make_world, run_args
+from conftest import (
+    ROOT,
+    SMALL_GLUE,
+    Payload,
+    edit_checkpoint,
+    edit_json,
+    make_world,
+    many_label_set,
+    run_args,
+)
 from support import checks as support_checks
 from support import run_state
 
@@ -269,3 +280,21 @@ def test_the_eta_counts_the_evaluations_and_probes_still_to_come():
                     probes = sum(1 for k in range(step, total) if interval and k % interval == 0)
                     assert run_state.still_to_come(step, total, every, interval) == (evals, probes), \
                         (step, total, every, interval)
+
+
+def test_the_training_digest_is_the_one_earlier_versions_wrote(minilm_tokenizer, tmp_path):
+    """data_fingerprint's training digest of a task with missing labels equals the digest of the data as
+    versions before this one held it (only the labelled rows tokenized, the train rows counted among
+    them): their checkpoints still resume. Reference: the old layout built anew with glue_data.encode."""
+    task_set = many_label_set(tmp_path)
+    [lang] = glue_data.load_task_set(str(task_set), ".", ["lang"])
+    encoded = glue_data.load_encoded(lang, "train", ".", minilm_tokenizer, 32)
+    train_rows = encoded.labelled[::2]  # a seeded sample, as --max-train-examples draws
+    examples = glue_data.load_split(lang, "train", ".")
+    old = glue_data.encode(minilm_tokenizer, [examples.text_a[i] for i in examples.labelled], None, 32)
+    positions = np.searchsorted(examples.labelled, train_rows)
+    expected = hashlib.sha256(old.ids.tobytes() + old.offsets.tobytes() + positions.tobytes()
+                              + examples.labels[examples.labelled].tobytes()).hexdigest()[:16]
+    data = {"lang": {"train": encoded, "train_idx": train_rows, "dev": {}, "probe": (encoded, train_rows)}}
+    assert len(encoded.labelled) < len(encoded)  # rows without a label are there, kept out of the digest
+    assert run_state.data_fingerprint([lang], data)["lang"] == expected
