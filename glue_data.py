@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -199,7 +198,9 @@ def _tasks_from_json(path: Path) -> list[Task]:
     if len(set(names)) != len(names):
         twice = sorted({t.name for t in tasks if names.count(_key(t.name)) > 1})
         raise ValueError(f"{path}: task names must be unique (case and '-' aside), but {twice[:10]} "
-                         "name more than one task; give a \"prefix\" to a form, or rename")
+                         "name more than one task; rename them (a form's tasks that collide with another "
+                         "entry's can take a \"prefix\"; names within one form that differ only in case or "
+                         "'-' need new labels)")
     return tasks
 
 
@@ -502,9 +503,14 @@ def encode(tokenizer: Tokenizer, text_a: list[str], text_b: list[str] | None = N
     tokenizer's truncation to max_length and turns its padding off."""
     if text_b is not None and len(text_b) != len(text_a):
         raise ValueError(f"text_a has {len(text_a)} texts but text_b has {len(text_b)}")
+    tokenizer.no_truncation()  # the heads count whole
+    tokenizer.no_padding()
+    if text_b is None:
+        text_a = [_head(tokenizer, t, max_length) for t in text_a]
+    else:
+        pairs = [_pair_head(tokenizer, a, b, max_length) for a, b in zip(text_a, text_b)]
+        text_a, text_b = [a for a, _ in pairs], [b for _, b in pairs]
     _set_truncation(tokenizer, max_length)
-    text_a = [_head(t, max_length) for t in text_a]
-    text_b = None if text_b is None else [_head(t, max_length) for t in text_b]
     batch = text_a if text_b is None else list(zip(text_a, text_b))
     # encode_batch runs on Rust threads; the "fast" variant skips character offsets, which we do not use.
     encodings = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)(batch)
@@ -515,23 +521,45 @@ def encode(tokenizer: Tokenizer, text_a: list[str], text_b: list[str] | None = N
                    np.fromiter(flat(e.type_ids for e in encodings), np.int8, offsets[-1]), offsets, None)
 
 
-# A run of letters and digits, or one other visible character that the normalizer keeps (not a control
-# or zero-width character, not a lone combining accent): each is at least one token.
-_UNIT = re.compile(r"[^\W_]+|[^\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202f\u0300-\u036f\ufeff\ufffd]")
-
-
-def _head(text: str, max_length: int) -> str:
+def _head(tokenizer: Tokenizer, text: str, max_length: int, more_than: int = 0) -> str:
     """What of a text can reach max_length tokens. A text of up to 1,000 characters per token is kept
-    whole; a longer one is cut after its first 2 * max_length words and other visible characters, each
-    whole: each gives at least one token (a word of any length, one [UNK] at worst; _UNIT leaves out
-    what the normalizer drops), and the factor 2 is a margin for rarer such characters. The tokenizer
-    would otherwise split a whole 200 MB line before truncating it (tens of GB)."""
-    if len(text) <= 1000 * max_length:
-        return text
-    end = 0
-    for unit in itertools.islice(_UNIT.finditer(text), 2 * max_length):
-        end = unit.end()
-    return text[:end]
+    whole; a longer one is cut at a space (a word boundary: the tokens before it are the whole text's
+    first tokens) once what precedes the space gives at least max_length tokens and more than
+    `more_than`, trying 8 * max_length characters and doubling; a text with no such space is kept whole.
+    The tokenizer would otherwise split a whole 200 MB line before truncating it (tens of GB). Needs
+    the tokenizer's truncation off."""
+    size = 8 * max_length
+    while len(text) > max(size, 1000 * max_length):
+        cut = text.rfind(" ", 0, size)
+        if cut > 0 and len(tokenizer.encode(text[:cut], add_special_tokens=False)) > max(max_length - 1,
+                                                                                          more_than):
+            return text[:cut]
+        size *= 2
+    return text
+
+
+def _pair_head(tokenizer: Tokenizer, a: str, b: str, max_length: int) -> tuple[str, str]:
+    """A pair cut as _head cuts, keeping which text has more tokens: longest-first truncation gives an odd
+    token to the first text only when it has more (ties go to the second)."""
+    if max(len(a), len(b)) <= 1000 * max_length:
+        return a, b
+    if _count(tokenizer, a) > _count(tokenizer, b):
+        b = _head(tokenizer, b, max_length)
+        return _head(tokenizer, a, max_length, more_than=_count(tokenizer, b)), b
+    a = _head(tokenizer, a, max_length)
+    return a, _head(tokenizer, b, max_length, more_than=_count(tokenizer, a) - 1)
+
+
+def _count(tokenizer: Tokenizer, text: str, piece: int = 1 << 20) -> int:
+    """Tokens in a text (no special tokens), counted a piece of about `piece` characters at a time, cut at
+    spaces (each word's tokens are its own), so that memory stays bounded. Needs truncation off."""
+    total, start = 0, 0
+    while start < len(text):
+        end = text.find(" ", start + piece) if start + piece < len(text) else -1
+        end = len(text) if end < 0 else end
+        total += len(tokenizer.encode(text[start:end], add_special_tokens=False))
+        start = end
+    return total
 
 
 def _set_truncation(tokenizer: Tokenizer, max_length: int) -> None:
@@ -548,14 +576,15 @@ def load_encoded(task: Task, split: str, data_dir: str | Path, tokenizer: Tokeni
     columns (and max_length) read the same texts: pass one `shared` dict to every call and they get the
     same token arrays, tokenized once, with the same Encoded.texts key. With a cache_dir, the tokens and
     each task's labels are kept as .npz files whose names hash everything that shapes them (the file's
-    bytes, the tokenizer, max_length, the columns, the labels, the split): a changed file or tokenizer
-    gets new entries; old ones are not read."""
+    bytes and format, the tokenizer, max_length, the columns, the labels, the split): a changed file or
+    tokenizer gets new entries; old ones are not read."""
     path = task.path(split, data_dir)
     if not path.is_file():
         raise FileNotFoundError(_missing_message(task, split, path))
     _set_truncation(tokenizer, max_length)  # so that the tokenizer's JSON is the same on every call
     is_test = split.startswith("test")
-    source = (task.text, () if is_test else task.no_header, task.short_rows_ok)  # what picks the texts
+    source = (task.text, () if is_test else task.no_header, task.short_rows_ok,  # what picks the texts
+              "csv" if path.suffix.lower() == ".csv" else "tsv")
     shared = {} if shared is None else shared
     stat = path.stat()  # a file read by many tasks is hashed once (the key names its size and time)
     file_key = ("sha256", str(path.resolve()), stat.st_size, stat.st_mtime_ns)

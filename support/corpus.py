@@ -202,7 +202,7 @@ def label_chunks(labeller: Labeller, rows, tasks: list[str], pairs: bool, part: 
     with open(part, "w", encoding="utf-8") as f:
         while block := list(itertools.islice(rows, args.predict_chunk)):
             encoded = labeller.encode([r[2] for r in block], [r[3] for r in block] if pairs else None)
-            progress = f"rows {read + 1}-{read + len(block)}" if rank == 0 else ""
+            progress = f"rows {read}-{read + len(block) - 1}" if rank == 0 else ""  # as "row" counts, from 0
             found = labeller.label_encoded(encoded, tasks, args.probabilities, (rank, world), progress)
             for k in sorted(found):
                 result = found[k] if args.probabilities else {"labels": found[k]}

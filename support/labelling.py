@@ -33,7 +33,8 @@ def forward_batches(model: MTOP, encoded: glue_data.Encoded, indices: np.ndarray
     positions (b,) index into `indices`, logits is forward's {task: (b, C)} (every task's when
     active_task is None: one encoder pass). `heads`: one pass, then only these tasks' heads, each run as
     its own module, as a pass with active_task runs it (not MTOP.all_heads' batched products, which
-    round differently). With a label, a progress line every 30 seconds."""
+    round differently); in mode "separate", these tasks' passes only. With a label, a progress line
+    every 30 seconds."""
     started = last = time.perf_counter()
     done = 0
     for batch in glue_data.batch_order(encoded.lengths[indices], batch_size, 0, 0, shuffle=False):
@@ -47,6 +48,8 @@ def forward_batches(model: MTOP, encoded: glue_data.Encoded, indices: np.ndarray
         with autocast(device, dtype):
             if heads is None:
                 logits = model(ids, mask, types, active_task=active_task)
+            elif model.mode == "separate":  # one pass per task: only the tasks asked for
+                logits = {name: model(ids, mask, types, active_task=name)[name] for name in heads}
             else:
                 features = model.features(ids, mask, types)  # (b, N, D): every task's a_i, one pass
                 logits = {name: model.heads[model.task_index[name]](features[:, model.task_index[name]])
@@ -267,8 +270,9 @@ class Labeller:
         results: dict[int, dict] = {}
         batches = glue_data.batch_order(encoded.lengths, self.batch_size, 0, 0, shuffle=False)
         mine = np.concatenate(batches[shard[0]::shard[1]] or [np.zeros(0, np.int64)])  # this shard's rows
+        heads = tasks if self.model.mode == "separate" else None  # "separate": the chosen tasks' passes only
         for positions, logits in forward_batches(self.model, encoded, mine, self.device, self.dtype,
-                                                 self.batch_size, label=progress):
+                                                 self.batch_size, label=progress, heads=heads):
             labels, scores = {}, {}
             for name in tasks:
                 values = logits[name]

@@ -271,6 +271,29 @@ def test_tasks_on_one_file_are_tokenized_once_and_share_their_tokens(tmp_path, m
     assert other.texts != loaded["sport"].texts and len(calls) == 3  # alone and other tokenized again
 
 
+
+def test_tasks_share_tokens_only_when_they_read_the_same_texts(tmp_path, minilm_tokenizer):
+    """Everything that decides which texts a split holds is in the shared key: the same bytes read as a .tsv
+    (a quote is text: 3 rows) and as a .csv (a quoted line break: 2 rows) are two sets of texts, shared
+    or cached. The reference is each task loaded and tokenized on its own."""
+    write_tsv(tmp_path / "train.tsv", [["text", "label"], ["a", "0"], ["b", "1"]])
+    body = 'text\n"first line\nsecond line"\nthird\n'
+    for name in ("t.tsv", "t.csv"):
+        (tmp_path / name).write_text(body, encoding="utf-8")
+    spec = {"tasks": [{"name": kind, "train": "train.tsv", "dev": "train.tsv", "test": f"t.{kind}",
+                       "text": "text", "label": "label", "type": "classification"}
+                      for kind in ("tsv", "csv")]}
+    (tmp_path / "set.json").write_text(json.dumps(spec))
+    tasks = glue_data.load_task_set(str(tmp_path / "set.json"), str(tmp_path))
+    for cache in (None, tmp_path / "cache"):
+        shared = {}
+        for task in tasks:
+            loaded = glue_data.load_encoded(task, "test", tmp_path, minilm_tokenizer, 16, cache, shared)
+            alone = glue_data.encode(minilm_tokenizer, glue_data.load_split(task, "test", tmp_path).text_a,
+                                     None, 16)
+            assert len(loaded) == {"tsv": 3, "csv": 2}[task.name]
+            assert np.array_equal(loaded.ids, alone.ids) and np.array_equal(loaded.offsets, alone.offsets)
+
 # -- glue_data.py: bad input -------------------------------------------------------------------
 
 def test_unknown_task_name_lists_the_valid_names():
@@ -337,22 +360,58 @@ def test_tokenizers_match_transformers_on_singles_and_pairs(tmp_path, minilm_tok
 
 def test_very_long_texts_are_cut_before_tokenizing_with_the_same_tokens(minilm_tokenizer):
     """A text far longer than max_length tokens can hold is cut before the tokenizer sees it (a 200 MB line
-    would otherwise be split whole), and gives the very tokens of the whole text: long words (one [UNK]
-    each), punctuation, Chinese characters, control characters and accents the normalizer drops, spaces;
-    singles and pairs. The reference is the tokenizer on the whole text."""
+    would otherwise be split whole), and gives the very tokens of the whole text, whatever it holds: long
+    words (one [UNK] each), scripts without spaces (Thai), punctuation, Chinese characters, characters
+    the normalizer drops (controls, soft hyphens, zero-width), accents, no-break spaces; singles, and pairs
+    with short texts of every length around the cut one's (longest-first truncation gives the longer text
+    an odd budget's extra token). The reference is the tokenizer on the whole text."""
     import random as stdlib_random
     rng = stdlib_random.Random(0)
+    thai = "\u0e20\u0e32\u0e29\u0e32\u0e44\u0e17\u0e22"
     parts = ["a" * 1000, "word", "x.y.z", "\u4e2d\u6587\u5b57", "\x00\x01", "e\u0301", "   \t", "!!",
-             "longer"]
-    texts = ["".join(rng.choice(parts) + " " for _ in range(n)) for n in (5, 30, 200, 3000)]
-    texts += [("a" * 1000 + " ") * 200, "\x00 " * 20000 + "tail words here"]
+             "longer", thai * 30, "a\u00ad" * 101, "\x1c\u200b", "\u00a0", "\u00ad" * 50]
+    texts = ["".join(rng.choice(parts) + rng.choice((" ", "")) for _ in range(n)) for n in (5, 30, 200, 3000)]
+    texts += [("a" * 1000 + " ") * 200, "\x00 " * 20000 + "tail words here", thai * 41000,
+              ("a\u00ad" * 101 + " ") * 700, ("\u00ad" * 300 + " ") * 300 + "late words " * 50]
     for max_length in (8, 32):
-        for a, b in ((t, None) for t in texts):
+        for a in texts:
             cut = glue_data.encode(minilm_tokenizer, [a], None, max_length).ids.tolist()
             minilm_tokenizer.enable_truncation(max_length, strategy="longest_first")
             assert cut == minilm_tokenizer.encode(a).ids, (max_length, a[:60])
-        pair = glue_data.encode(minilm_tokenizer, [texts[3]], [texts[4]], max_length).ids.tolist()
-        assert pair == minilm_tokenizer.encode(texts[3], texts[4]).ids
+        # Pairs of long texts with few tokens (the reference keeps every combination of overflowing pieces),
+        # equal counts and counts one apart among them, and short texts of every length around theirs.
+        unk = ("a" * 1000 + " ") * (2 * max_length)
+        longs = [unk, unk + " x", ("a\u00ad" * 101 + " ") * (8 * max_length),
+                 "\x00 " * (600 * max_length) + "tail words here"]
+        shorts = [texts[1], "!" * (40 * max_length), "one two " * 9, "one two " * 9 + "three"]
+        pairs = [(s, long) for s in shorts for long in longs] + [(x, y) for x in longs for y in longs]
+        for a, b in pairs + [(b, a) for a, b in pairs]:
+            pair = glue_data.encode(minilm_tokenizer, [a], [b], max_length).ids.tolist()
+            assert pair == minilm_tokenizer.encode(a, b).ids
+
+
+def test_the_tokenizer_never_sees_a_very_long_text_whole(minilm_tokenizer):
+    """The point of the cut: a 2-million-character text (a runaway line) reaches the tokenizer only in
+    pieces of a bounded size (its head, or 1 MB pieces to count a pair's tokens), single or paired."""
+    seen = []
+
+    class Recording:  # the tokenizer, noting the longest text each call hands it
+        def __getattr__(self, name):
+            method = getattr(minilm_tokenizer, name)
+
+            def call(*args, **kwargs):
+                texts = [s for a in args for s in (a if isinstance(a, list) else [a]) for s in
+                         (s if isinstance(s, tuple) else (s,)) if isinstance(s, str)]
+                seen.append(max(map(len, texts), default=0))
+                return method(*args, **kwargs)
+            return call
+
+    huge = "many words in a runaway line " * 75_000
+    short = "a short premise"
+    for a, b in ((huge, None), (short, huge), (huge, short), (huge, huge)):
+        seen.clear()
+        encoded = glue_data.encode(Recording(), [a], None if b is None else [b], 32)
+        assert encoded.lengths.tolist() == [32] and max(seen) <= (1 << 20) + 100, max(seen)
 
 
 def test_truncation_is_longest_first_and_respects_max_length(minilm_tokenizer):

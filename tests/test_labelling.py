@@ -12,7 +12,7 @@ import torch
 import glue_data
 import mtop
 import train
-from conftest import SMALL_GLUE, edit_json, news_task_set, run_args
+from conftest import SMALL_GLUE, edit_json, make_world, news_task_set, run_args
 from support import labelling
 
 # -- train.py: end to end, resume, prediction, torchrun -------------------------
@@ -102,6 +102,30 @@ def test_a_shard_of_the_batches_gives_what_one_process_gives_for_its_rows(traine
         assert {k: v for shard in shards for k, v in shard.items()} == whole
 
 
+def test_labelling_in_mode_separate_runs_the_chosen_tasks_passes_only(tiny_model, tmp_path):
+    """Prompt tuning ("separate") takes one encoder pass per task: labelling with a task choice runs the
+    chosen tasks' passes and no other, and each task's labels are its own pass's (predict_encoded)."""
+    world = make_world(tmp_path, tiny_model)
+    train.main(world["flags"] + ["--mode", "separate"])
+    labeller = train.Labeller(tmp_path / "run" / "best")
+    texts = [f"sentence {i} " + "word " * (i % 7) for i in range(40)]  # one batch
+    encoded = labeller.encode(texts, texts)
+    passes, encode = [], labeller.model.encode
+    labeller.model.encode = lambda *a, **k: passes.append(1) or encode(*a, **k)
+    for chosen in (["sim"], ["nli", "sim"]):
+        passes.clear()
+        found = labeller.label_encoded(encoded, chosen)
+        assert len(passes) == len(chosen)
+        for name in chosen:
+            own = labelling.predict_encoded(labeller.model, name, encoded, None, "cpu", "fp32",
+                                            labeller.scales[name])
+            got = [found[k][name] for k in range(40)]
+            if name == "sim":
+                np.testing.assert_allclose(got, own, atol=1e-4)  # rounded to 4 places
+            else:
+                assert got == [labeller.labels[name][i] for i in own]
+
+
 def test_a_custom_task_named_like_a_glue_split_trains_and_predicts(tiny_model, token_cache, tmp_path):
     """A custom task called AX (GLUE's diagnostic set has that name) gets its own AX.tsv, not MNLI's."""
     task_set = news_task_set(tmp_path)
@@ -122,8 +146,8 @@ def test_a_progress_line_comes_every_30_seconds_inside_a_chunk(trained_folder, t
     clock = iter(range(0, 10**6, 31))
     monkeypatch.setattr(labelling.time, "perf_counter", lambda: float(next(clock)))
     train.main(["--predict", str(corpus), "--checkpoint", str(trained_folder), "--predict-chunk", "300"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rows 1-300: ")]
-    expected = [f"rows 1-300: {n}/300 rows" for n in (64, 128, 192, 256, 300)]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rows 0-299: ")]
+    expected = [f"rows 0-299: {n}/300 rows" for n in (64, 128, 192, 256, 300)]
     assert [line.split(" (")[0] for line in lines] == expected
 
 
