@@ -435,8 +435,10 @@ class MTOP(nn.Module):
         if settings_path.is_file() and settings_path.stat().st_size > MAX_SETTINGS_BYTES:
             raise ValueError(f"{settings_path}: {settings_path.stat().st_size} bytes; a settings file "
                              f"written by MTOP.save is a few KB (at most {MAX_SETTINGS_BYTES})")
-        settings = read_json(settings_path, "this is not a folder written by MTOP.save (a bare encoder "
-                                            "folder loads with electra.Electra.from_pretrained)")
+        run = (folder / "best" / SETTINGS_FILE).is_file()  # a run folder: its model is best/
+        settings = read_json(settings_path, "this is not a folder written by MTOP.save (" + (
+            f"a run folder's model is {folder / 'best'}" if run else
+            "a bare encoder folder loads with electra.Electra.from_pretrained") + ")")
         if settings.get("format") != "mtop" or settings.get("version") != 1:
             raise ValueError(f"{settings_path}: not a version 1 MTOP settings file (written by MTOP.save)")
         check_settings(settings, settings_path)

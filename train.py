@@ -75,7 +75,7 @@ def add_data_and_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="google/electra-base-discriminator",
                    help="hub name (fetched through huggingface_hub and its cache) or local folder")
-    g.add_argument("--revision", default="", help="the hub model's branch, tag or commit (default: main)")
+    g.add_argument("--revision", default="", help="the hub model's branch, tag or commit; empty: main")
     g.add_argument("--mode", choices=MODES, default="mtop", help="prompt setting of Fig. 1 (none = MT-DNN)")
     g.add_argument("--task-prompt-len", type=int, default=4, help="L: prompt tokens per task")
     g.add_argument("--shared-prompt-len", type=int, default=32, help="L': shared prompt tokens (mode mtop)")

@@ -185,6 +185,9 @@ def test_labeller_labels_each_input_with_the_tasks_that_read_it(trained_folder, 
         train.Labeller(trained_folder, tasks=["nope"])
     with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
         train.Labeller(trained_folder, batch_size=-1)
+    with pytest.raises((ValueError, FileNotFoundError), match=r"not a folder written by MTOP.save \(a run "
+                       f"folder's model is {re.escape(str(trained_folder))}"):
+        train.Labeller(trained_folder.parent)  # the run folder, not its best/
 
 
 def test_a_corpus_from_a_pipe_is_streamed(trained_folder, tmp_path):

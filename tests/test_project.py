@@ -14,7 +14,7 @@ import pytest
 import scipy.stats
 
 import train
-from conftest import ROOT, SMALL_GLUE, readme_block
+from conftest import GLUE_ENV, ROOT, SMALL_GLUE, readme_block
 
 # -- the project as a whole: README's examples, the layering, the experiment driver ---------------------
 
@@ -75,6 +75,19 @@ def test_results_intervals_use_students_t_quantiles():
         sys.path.remove(str(ROOT / "experiments"))
     for df, quantile in aggregate.T975.items():
         assert quantile == pytest.approx(scipy.stats.t.ppf(0.975, df), abs=1e-3)
+
+
+@pytest.mark.skipif(not os.environ.get(GLUE_ENV), reason=f"set {GLUE_ENV} to the GLUE folder")
+def test_results_md_regenerates_byte_for_byte_from_the_committed_results(tmp_path):
+    """RESULTS.md is what experiments/aggregate.py writes from the template and the committed result files
+    (figures are not drawn here: matplotlib is kept out)."""
+    script = ("import os, runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+              "sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = tmp_path / "RESULTS.md"
+    subprocess.run([sys.executable, "-c", script, str(ROOT / "experiments" / "aggregate.py"), "--glue",
+                    os.environ[GLUE_ENV], "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    assert out.read_bytes() == (ROOT / "RESULTS.md").read_bytes()
 
 
 def test_experiment_driver_starts_seed_by_seed_and_skips_finished_runs(tmp_path, monkeypatch):
