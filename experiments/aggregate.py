@@ -431,7 +431,8 @@ def step_time(folder: str, values: dict) -> str:
 def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
     """{{manylabel:<plan>}}: a plan of many tasks on one text (one row per run: the mean of the tasks'
     scores, on the first `frequent` tasks of the task set (ordered by train positives) and on the rest,
-    with the standard deviation over seeds), then each task's mean score per run. Keys
+    with the standard deviation over seeds), then each task's mean score per run ({{...:summary}}: the
+    first table alone). Keys
     <plan>.<run>.{mean,mean.sd,frequent,rare,learned,minutes} and, for each pair of runs,
     <plan>.<a>.minus.<b> with .low, .high (the 95% interval of the seed-paired difference) and .t."""
     runs = load(plan)
@@ -475,7 +476,7 @@ def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
         means = [100 * np.mean([r["final"]["scores"][task] for r in rs]) for rs in runs.values()]
         lines.append(f"| {task} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
     summarise(plan, runs, values)
-    values[f"{plan}.steps"] = flag(next(iter(runs.values()))[0]["flags"], "--max-steps")
+    values[f"{plan}.steps"] = f'{int(flag(next(iter(runs.values()))[0]["flags"], "--max-steps")):,}'
     return "\n".join(lines)
 
 
@@ -508,8 +509,9 @@ def main() -> None:
                 tables[f"inference:{arg}"] = inference(arg, values)
             elif kind == "steptime":
                 tables[f"steptime:{arg}"] = step_time(arg, values)
-            elif kind == "manylabel":
+            elif kind == "manylabel":  # ...:summary, the first table alone
                 tables[f"manylabel:{arg}"] = many_labels(arg, values)
+                tables[f"manylabel:{arg}:summary"] = tables[f"manylabel:{arg}"].split("\n\n")[0]
         except SystemExit as missing:
             if not options.keys:
                 raise
