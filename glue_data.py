@@ -540,10 +540,13 @@ def _head(tokenizer: Tokenizer, text: str, max_length: int, more_than: int = 0) 
 
 def _pair_head(tokenizer: Tokenizer, a: str, b: str, max_length: int) -> tuple[str, str]:
     """A pair cut as _head cuts, keeping which text has more tokens: longest-first truncation gives an odd
-    token to the first text only when it has more (ties go to the second)."""
-    if max(len(a), len(b)) <= 1000 * max_length:
+    token to the first text only when it has more (ties go to the second). Only when both are long are
+    they counted whole; a long text with a short one is cut after more tokens than the short one has (or
+    kept whole)."""
+    long_a, long_b = len(a) > 1000 * max_length, len(b) > 1000 * max_length
+    if not (long_a or long_b):
         return a, b
-    if _count(tokenizer, a) > _count(tokenizer, b):
+    if _count(tokenizer, a) > _count(tokenizer, b) if long_a and long_b else long_a:
         b = _head(tokenizer, b, max_length)
         return _head(tokenizer, a, max_length, more_than=_count(tokenizer, b)), b
     a = _head(tokenizer, a, max_length)
