@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shlex
 import signal
 import sys
 import time
@@ -42,7 +41,7 @@ from support.checks import (check_device, check_metadata_size, output_dir_held, 
 # Labeller is re-exported: README's `from train import Labeller`
 from support.corpus import predict_corpus
 from support.labelling import Labeller, predict_tasks  # noqa: F401
-from support.plot import plot
+from support.plot import finish_message
 from support.run_state import NonFiniteError, Run, data_fingerprint
 from support.submission import write_test_predictions
 from support.system import (StopSignals, autocast, broadcast, limit_heap_growth, log, pad_multiple,
@@ -536,16 +535,6 @@ def main(argv: list[str] | None = None):
                 write_test_predictions(Path(args.output_dir), result["tasks"], args)
             finish_message(Path(args.output_dir), result["tasks"])
     return result
-
-
-def finish_message(out: Path, tasks: list[glue_data.Task]) -> None:
-    """The run's last lines: the plot (or how to draw it), the best model and the next command."""
-    drawn = plot(out)
-    log(f"plot: {drawn}" if drawn else f"no plot: matplotlib is not installed (pip install matplotlib, then "
-        f"python -m support.plot {out})")
-    columns = "text" if any(len(t.text) == 1 for t in tasks) else ",".join(tasks[0].text)
-    log(f"best model: {out / 'best'}\nlabel a corpus with it: python train.py --predict corpus.tsv "
-        f"--checkpoint {shlex.quote(str(out / 'best'))} --text-columns {shlex.quote(columns)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
     labelling.py      forward_batches, predict_encoded, predict_tasks, Labeller (one pass for all tasks)
     corpus.py         --predict: a corpus file labelled in chunks (ids, scores, torchrun)
     submission.py     the GLUE leaderboard's files, and write_test_predictions
-    plot.py           training.png from log.jsonl (needs matplotlib)
+    plot.py           training.png from log.jsonl (needs matplotlib); the run's last lines
 
 Each module imports only the six files' lower layers and the modules above it in this list, never
 train.py (test_the_six_files_keep_their_layering).

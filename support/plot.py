@@ -1,6 +1,6 @@
 """training.png: a run's dev scores over steps and the share of steps each task got, from its log.jsonl.
 Needs matplotlib, which is not a dependency of the project: without it nothing is drawn, and train.py
-says how to draw it later:
+says how to draw it later (finish_message, the run's last lines):
 
     pip install matplotlib && python -m support.plot runs/mtop
 """
@@ -8,7 +8,10 @@ says how to draw it later:
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
+
+from support.system import log
 
 
 def plot(out: Path) -> Path | None:
@@ -42,6 +45,16 @@ def plot(out: Path) -> Path | None:
     fig.savefig(out / "training.png", dpi=100)
     plt.close(fig)
     return out / "training.png"
+
+
+def finish_message(out: Path, tasks: list) -> None:
+    """The run's last lines: the plot (or how to draw it), the best model and the next command."""
+    drawn = plot(out)
+    log(f"plot: {drawn}" if drawn else f"no plot: matplotlib is not installed (pip install matplotlib, then "
+        f"python -m support.plot {out})")
+    columns = "text" if any(len(t.text) == 1 for t in tasks) else ",".join(tasks[0].text)
+    log(f"best model: {out / 'best'}\nlabel a corpus with it: python train.py --predict corpus.tsv "
+        f"--checkpoint {shlex.quote(str(out / 'best'))} --text-columns {shlex.quote(columns)}")
 
 
 if __name__ == "__main__":
