@@ -46,6 +46,7 @@ LABELS = {  # how the runs are named in the tables
     "ptuning-v2": "P-Tuning v2 (deep prompts, one pass per task)",
     "mtop-s20": "MTOP, S = 20 (the paper's 4 per task)",
     "meancls-s8": "MTOP, S = 8, `--pooling mean+cls`", "meancls-s0": "MTOP, S = 0, `--pooling mean+cls`",
+    "mtop-s32-check": "MTOP (S = 32) again with this plan's code",
 }
 
 
@@ -432,9 +433,9 @@ def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
     """{{manylabel:<plan>}}: a plan of many tasks on one text (one row per run: the mean of the tasks'
     scores, on the first `frequent` tasks of the task set (ordered by train positives) and on the rest,
     with the standard deviation over seeds), then each task's mean score per run ({{...:summary}}: the
-    first table alone). Keys
-    <plan>.<run>.{mean,mean.sd,frequent,rare,learned,minutes} and, for each pair of runs,
-    <plan>.<a>.minus.<b> with .low, .high (the 95% interval of the seed-paired difference) and .t."""
+    first table alone). Keys <plan>.<run>.{mean,frequent,rare} with .sd, .min and .max over seeds,
+    <plan>.<run>.{learned,minutes}, and for each pair of runs <plan>.<a>.minus.<b> with .low, .high (the
+    95% interval of the seed-paired difference), .t and .ahead (in how many seeds a is above b)."""
     runs = load(plan)
     if not runs:
         raise SystemExit(f"no results for plan {plan!r} in {RESULTS / plan}")
@@ -450,6 +451,8 @@ def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
             mean, sd = mean_sd(per_seed)
             values[f"{plan}.{name}.{group}"], values[f"{plan}.{name}.{group}.sd"] = f"{100 * mean:.1f}", \
                 f"{100 * sd:.1f}"
+            values[f"{plan}.{name}.{group}.min"] = f"{100 * min(per_seed):.1f}"
+            values[f"{plan}.{name}.{group}.max"] = f"{100 * max(per_seed):.1f}"
         learned = np.mean([sum(r["final"]["scores"][t] > 0 for t in tasks) for r in results])
         minutes = np.mean([r["wall_seconds"] for r in results]) / 60
         values[f"{plan}.{name}.learned"] = f"{learned:.1f}"
@@ -470,6 +473,7 @@ def many_labels(plan: str, values: dict, frequent: int = 7) -> str:
             values[key], values[f"{key}.low"], values[f"{key}.high"] = (f"{100 * v:.1f}" for v in
                                                                          (mean, mean - half, mean + half))
             values[f"{key}.t"] = f"{mean / se:.1f}" if se > 0 else "inf"
+            values[f"{key}.ahead"] = f"{sum(d > 0 for d in paired)} of {len(paired)}"
     header = "| task | " + " | ".join(LABELS.get(n, n) for n in runs) + " |"
     lines += ["", header, "|---|" + "---|" * len(runs)]
     for task in tasks:

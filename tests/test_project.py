@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import scipy.stats
 
@@ -64,8 +65,7 @@ def test_the_six_files_keep_their_layering():
         assert project <= may, (name, project - may)
 
 
-def test_results_intervals_use_students_t_quantiles():
-    """aggregate.py's table of 95% t quantiles (for the intervals RESULTS.md states) is scipy's."""
+def load_aggregate():
     spec = importlib.util.spec_from_file_location("aggregate", ROOT / "experiments" / "aggregate.py")
     aggregate = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -73,8 +73,47 @@ def test_results_intervals_use_students_t_quantiles():
         spec.loader.exec_module(aggregate)
     finally:
         sys.path.remove(str(ROOT / "experiments"))
-    for df, quantile in aggregate.T975.items():
+    return aggregate
+
+
+def test_results_intervals_use_students_t_quantiles():
+    """aggregate.py's table of 95% t quantiles (for the intervals RESULTS.md states) is scipy's."""
+    for df, quantile in load_aggregate().T975.items():
         assert quantile == pytest.approx(scipy.stats.t.ppf(0.975, df), abs=1e-3)
+
+
+def test_many_label_statistics_match_scipy_and_a_hand_count(tmp_path, monkeypatch):
+    """Section 8's numbers (aggregate.many_labels): each run's mean over tasks with its spread, lowest and
+    highest seed; the seed-paired difference of two runs with scipy's paired t and 95% interval; in how
+    many seeds one run is ahead, counted by hand. Seeds pair by number, whatever the files' order."""
+    aggregate = load_aggregate()
+    monkeypatch.setattr(aggregate, "RESULTS", tmp_path)
+    rng = np.random.default_rng(0)
+    scores = {run: rng.uniform(0, 1, (4, 3)) for run in ("a", "b")}  # (seeds, tasks)
+    (tmp_path / "p").mkdir()
+    for run, table in scores.items():
+        for seed in (3, 0, 2, 1):
+            result = {"run": run, "seed": seed, "plan": "p", "wall_seconds": 60.0, "machine": "m",
+                      "commit": "c", "flags": ["--max-steps", "10"],
+                      "final": {"scores": dict(zip("xyz", table[seed]))}}
+            (tmp_path / "p" / f"{run}-seed{seed}.json").write_text(json.dumps(result))
+    values = {}
+    aggregate.many_labels("p", values, frequent=2)
+    means = {run: table.mean(axis=1) for run, table in scores.items()}
+    diff = means["a"] - means["b"]
+    low, high = scipy.stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=scipy.stats.sem(diff))
+    def pct(x):
+        return f"{100 * x:.1f}"
+
+    assert values["p.a.minus.b"] == pct(diff.mean())
+    assert (values["p.a.minus.b.low"], values["p.a.minus.b.high"]) == (pct(low), pct(high))
+    assert values["p.a.minus.b.t"] == f"{scipy.stats.ttest_rel(means['a'], means['b']).statistic:.1f}"
+    assert values["p.a.minus.b.ahead"] == f"{sum(d > 0 for d in diff)} of 4"
+    assert values["p.b.minus.a.ahead"] == f"{sum(d < 0 for d in diff)} of 4"
+    a = means["a"]
+    assert (values["p.a.mean"], values["p.a.mean.sd"]) == (pct(a.mean()), pct(a.std(ddof=1)))
+    assert (values["p.a.mean.min"], values["p.a.mean.max"]) == (pct(a.min()), pct(a.max()))
+    assert values["p.a.rare"] == pct(scores["a"][:, 2].mean())
 
 
 @pytest.mark.skipif(not os.environ.get(GLUE_ENV), reason=f"set {GLUE_ENV} to the GLUE folder")
