@@ -155,8 +155,10 @@ def plan_table(plan: str, values: dict, majority: dict[str, float], glue: Path) 
             values[f"{plan}.{name}.{key}.sd"] = f"{100 * sd:.1f}"
             values[f"{plan}.{name}.{key}.min"] = f"{100 * min(scores):.1f}"
             values[f"{plan}.{name}.{key}.max"] = f"{100 * max(scores):.1f}"
-        for r in results:  # each seed's average, for paired comparisons (runs of one seed share data order)
+        for r in results:  # each seed's average and scores, for paired comparisons (one seed: one data order)
             values[f"{plan}.{name}.seed{r['seed']}.average"] = f"{100 * r['final']['average']:.1f}"
+            for task in tasks:
+                values[f"{plan}.{name}.seed{r['seed']}.{task}"] = f"{100 * r['final']['scores'][task]:.1f}"
         minutes = np.mean([r["wall_seconds"] for r in results if r["wall_seconds"] is not None]) / 60
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
                      + f" | {len(results)} | {minutes:.1f} |")

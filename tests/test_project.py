@@ -85,35 +85,40 @@ def test_results_intervals_use_students_t_quantiles():
 def test_many_label_statistics_match_scipy_and_a_hand_count(tmp_path, monkeypatch):
     """Section 8's numbers (aggregate.many_labels): each run's mean over tasks with its spread, lowest and
     highest seed; the seed-paired difference of two runs with scipy's paired t and 95% interval; in how
-    many seeds one run is ahead, counted by hand. Seeds pair by number, whatever the files' order."""
+    many seeds one run is ahead, counted by hand. Seeds pair by number: b lacks a's seed 0, and the files
+    sort by name (seed10 before seed2), so pairing by position would pair the wrong runs."""
     aggregate = load_aggregate()
     monkeypatch.setattr(aggregate, "RESULTS", tmp_path)
     rng = np.random.default_rng(0)
-    scores = {run: rng.uniform(0, 1, (4, 3)) for run in ("a", "b")}  # (seeds, tasks)
+    seeds = {"a": [0, 1, 2, 3, 10], "b": [1, 2, 3, 10]}
+    scores = {run: {seed: rng.uniform(0, 1, 3) for seed in seeds[run]} for run in seeds}  # seed: (tasks,)
     (tmp_path / "p").mkdir()
     for run, table in scores.items():
-        for seed in (3, 0, 2, 1):
+        for seed in seeds[run]:
             result = {"run": run, "seed": seed, "plan": "p", "wall_seconds": 60.0, "machine": "m",
                       "commit": "c", "flags": ["--max-steps", "10"],
                       "final": {"scores": dict(zip("xyz", table[seed]))}}
             (tmp_path / "p" / f"{run}-seed{seed}.json").write_text(json.dumps(result))
     values = {}
     aggregate.many_labels("p", values, frequent=2)
-    means = {run: table.mean(axis=1) for run, table in scores.items()}
-    diff = means["a"] - means["b"]
+    means = {run: np.array([table[seed].mean() for seed in seeds[run]]) for run, table in scores.items()}
+    diff = np.array([scores["a"][seed].mean() - scores["b"][seed].mean() for seed in seeds["b"]])
     low, high = scipy.stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=scipy.stats.sem(diff))
     def pct(x):
         return f"{100 * x:.1f}"
 
     assert values["p.a.minus.b"] == pct(diff.mean())
     assert (values["p.a.minus.b.low"], values["p.a.minus.b.high"]) == (pct(low), pct(high))
-    assert values["p.a.minus.b.t"] == f"{scipy.stats.ttest_rel(means['a'], means['b']).statistic:.1f}"
+    paired = [[scores[run][seed].mean() for seed in seeds["b"]] for run in ("a", "b")]
+    assert values["p.a.minus.b.t"] == f"{scipy.stats.ttest_rel(*paired).statistic:.1f}"
     assert values["p.a.minus.b.ahead"] == f"{sum(d > 0 for d in diff)} of 4"
     assert values["p.b.minus.a.ahead"] == f"{sum(d < 0 for d in diff)} of 4"
     a = means["a"]
     assert (values["p.a.mean"], values["p.a.mean.sd"]) == (pct(a.mean()), pct(a.std(ddof=1)))
     assert (values["p.a.mean.min"], values["p.a.mean.max"]) == (pct(a.min()), pct(a.max()))
-    assert values["p.a.rare"] == pct(scores["a"][:, 2].mean())
+    assert values["p.a.rare"] == pct(np.mean([scores["a"][seed][2] for seed in seeds["a"]]))
+    assert values["p.a.frequent.min"] == pct(min(scores["a"][seed][:2].mean() for seed in seeds["a"]))
+    assert values["p.b.learned"] == "3.0"  # uniform(0, 1) scores: every task above 0 in every seed
 
 
 @pytest.mark.skipif(not os.environ.get(GLUE_ENV), reason=f"set {GLUE_ENV} to the GLUE folder")
