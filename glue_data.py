@@ -546,7 +546,8 @@ def _pair_head(tokenizer: Tokenizer, a: str, b: str, max_length: int) -> tuple[s
     long_a, long_b = len(a) > 1000 * max_length, len(b) > 1000 * max_length
     if not (long_a or long_b):
         return a, b
-    if _count(tokenizer, a) > _count(tokenizer, b) if long_a and long_b else long_a:
+    a_first = _count(tokenizer, a) > _count(tokenizer, b) if long_a and long_b else long_a
+    if a_first:
         b = _head(tokenizer, b, max_length)
         return _head(tokenizer, a, max_length, more_than=_count(tokenizer, b)), b
     a = _head(tokenizer, a, max_length)
